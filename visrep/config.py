@@ -1,0 +1,282 @@
+"""Typed run configuration: dataclasses per section, loaded from YAML, overridden by ``key=value``.
+
+Sections: ``data``, ``model``, ``method``, ``optim``, ``train``, ``eval``. The ``method`` section's
+type depends on ``method.name`` (each method module defines its own dataclass). An unknown key or a
+value of the wrong type fails at start with the key's full dotted name and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the allowed values."""
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural"] = "fashion_mnist"
+    root: Optional[str] = None          # folder with the data (else the Debian path, else download)
+    download: bool = False              # torchvision download when online
+    image_size: int = 28                # training / evaluation resolution
+    num_workers: int = 0
+    pin_memory: Optional[bool] = None   # None: on when training on CUDA
+    in_memory: bool = True              # use the batched in-memory path when the dataset allows it
+    train_subset: Optional[int] = None  # use only the first N training images (quick runs)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["vit"] = "vit"
+    patch_size: int = 4
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    class_token: bool = False
+    num_registers: int = 0
+    drop_path_rate: float = 0.0
+    init_values: Optional[float] = None  # LayerScale (DINOv2); None: off
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd", "sgd_c", "adam_c", "rmsprop_c"] = "adamw"
+    lr: float = 1e-3                 # peak lr (scaled linearly with batch size if lr_batch_ref is set)
+    start_lr: float = 2e-4           # warmup starts here
+    final_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4  # cosine weight-decay schedule end (I-JEPA)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    eps: float = 1e-8
+    ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
+    clip_grad: Optional[float] = None
+    lr_batch_ref: Optional[int] = None  # lr is given for this global batch size; scaled linearly
+    # critical-gradient optimizers (optim.name ends with _c)
+    topc: int = 10
+    decay: float = 0.7
+    kappa: float = 1.0
+    aggr: Optional[str] = None       # None: the optimizer's default ('sum' for SGD_C, 'mean' otherwise)
+    reference_compat: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256            # per process
+    max_minutes: Optional[float] = None
+    max_steps: Optional[int] = None
+    seed: int = 0
+    out_dir: str = "runs/default"
+    ckpt_every: int = 500            # steps; a checkpoint is also written at the end
+    log_every: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    device: str = "auto"
+    online_knn: bool = False         # k-NN on a held-out subset every epoch
+    online_knn_samples: int = 5000
+    threads: Optional[int] = None    # torch.set_num_threads
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear", "lowshot"])
+    batch_size: int = 512
+    knn_k: list[int] = field(default_factory=lambda: [10, 20])
+    knn_temperature: float = 0.07
+    linear_epochs: int = 20
+    lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
+    lowshot_fraction: float = 0.01
+    lowshot_seeds: int = 3
+
+
+@dataclass
+class Config:
+    method: Any
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def method_config_classes() -> dict[str, type]:
+    """method name -> its config dataclass (imported lazily so configs load fast)."""
+    from visrep.methods import METHODS
+
+    return {name: entry.config_class() for name, entry in METHODS.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing and type checking
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_name(tp)}), got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values ({_name(tp)}), got {value!r}")
+            return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; allowed keys in '{prefix or 'top level'}': {', '.join(sorted(fields))}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"cannot set '{dotted}': '{p}' is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=5e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def build_config(tree: dict) -> Config:
+    tree = dict(tree)
+    sections = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(tree) - sections)
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}'; allowed sections: {', '.join(sorted(sections))}")
+    method_tree = dict(tree.get("method") or {})
+    classes = method_config_classes()
+    name = method_tree.get("name")
+    if name not in classes:
+        raise ConfigError(f"method.name: {name!r} is not a known method; allowed: {', '.join(sorted(classes))}")
+    hints = typing.get_type_hints(Config)
+    kwargs = {"method": _build(classes[name], method_tree, "method")}
+    for section in sections - {"method"}:
+        kwargs[section] = _check(tree.get(section) or {}, hints[section], section)
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Load ``path`` (YAML), apply ``key=value`` overrides, type-check everything."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = _merge(tree, loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,146 @@
+"""Official checkpoints in, safetensors out.
+
+Our ViT and predictor use the official parameter names, so mapping a checkpoint is mostly
+unwrapping: official I-JEPA checkpoints hold ``{"encoder", "predictor", "target_encoder", ...}``
+with DDP's ``module.`` prefix; DINOv2 backbones are plain state dicts (sometimes prefixed
+``backbone.`` / ``teacher.backbone.``). The architecture is read off the tensors' shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import Predictor, VisionTransformer
+
+__all__ = ["load_official", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
+           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM"]
+
+# The official factories' head counts for each width (tiny .. giant; 48 is our test width).
+HEADS_BY_DIM = {96: 3, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+_PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
+
+
+def strip_prefixes(state: dict[str, Tensor], prefixes=_PREFIXES) -> dict[str, Tensor]:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def _depth(state: dict[str, Tensor], prefix: str) -> int:
+    ids = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def vit_from_state_dict(state: dict[str, Tensor], num_heads: int | None = None, img_size: int | None = None,
+                        strict: bool = True, **overrides: Any) -> VisionTransformer:
+    """Build our ViT with the architecture a (prefix-free) official state dict implies, and load it."""
+    w = state["patch_embed.proj.weight"]
+    dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
+    class_token = "cls_token" in state
+    n_patches = state["pos_embed"].shape[1] - int(class_token)
+    side = int(round(n_patches ** 0.5))
+    if num_heads is None:
+        if dim not in HEADS_BY_DIM:
+            raise ValueError(f"cannot infer num_heads for width {dim}; pass num_heads=")
+        num_heads = HEADS_BY_DIM[dim]
+    fc1 = state["blocks.0.mlp.fc1.weight"]
+    kwargs = dict(
+        img_size=img_size or side * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim,
+        depth=_depth(state, "blocks."), num_heads=num_heads, mlp_ratio=fc1.shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        pos_embed="learned" if class_token else "sincos",
+        class_token=class_token,
+        num_registers=state["register_tokens"].shape[1] if "register_tokens" in state else 0,
+        mask_token="mask_token" in state,
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+    )
+    kwargs.update(overrides)
+    model = VisionTransformer(**kwargs).to(w.dtype)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def ijepa_vit(**kwargs) -> VisionTransformer:
+    """Our ViT configured as the official I-JEPA encoder (sin-cos, no CLS, LN eps 1e-6)."""
+    kwargs.setdefault("pos_embed", "sincos")
+    kwargs.setdefault("class_token", False)
+    return VisionTransformer(**kwargs)
+
+
+def dinov2_vit(num_register_tokens: int = 0, init_values: float | None = 1e-5, **kwargs) -> VisionTransformer:
+    """Our ViT configured as the official DINOv2 backbone (learned pos, CLS, registers, LayerScale, mask token)."""
+    for k in ("ffn_bias", "proj_bias", "drop_path_uniform", "block_fn", "ffn_layer", "block_chunks"):
+        kwargs.pop(k, None)
+    return VisionTransformer(pos_embed="learned", class_token=True, num_registers=num_register_tokens,
+                             mask_token=True, init_values=init_values, rescale_init=False, **kwargs)
+
+
+def ijepa_predictor(**kwargs) -> Predictor:
+    return Predictor(**kwargs)
+
+
+def load_official(path: str | os.PathLike, which: str = "target_encoder", num_heads: int | None = None,
+                  map_location: str = "cpu") -> nn.Module:
+    """Load an official I-JEPA (``which`` = encoder / target_encoder / predictor) or DINOv2 checkpoint.
+
+    Accepts ``.pth``/``.pt`` (torch pickles) and ``.safetensors``. Returns our module with the
+    weights loaded strictly.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        ckpt: Any = load_file(str(path))
+    else:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(ckpt, dict) and which in ckpt and isinstance(ckpt[which], dict):
+        ckpt = ckpt[which]
+    elif isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        ckpt = ckpt["model"]
+    state = strip_prefixes(ckpt)
+    if which == "predictor" or "predictor_embed.weight" in state:
+        emb = state["predictor_embed.weight"]
+        heads = num_heads or HEADS_BY_DIM.get(emb.shape[1])
+        model = Predictor(num_patches=state["predictor_pos_embed"].shape[1], embed_dim=emb.shape[1],
+                          predictor_embed_dim=emb.shape[0], depth=_depth(state, "predictor_blocks."),
+                          num_heads=heads).to(emb.dtype)
+        model.load_state_dict(state)
+        return model
+    return vit_from_state_dict(state, num_heads=num_heads)
+
+
+def export_safetensors(module: nn.Module | dict[str, Tensor], path: str | os.PathLike,
+                       metadata: dict[str, Any] | None = None) -> Path:
+    """Write a module's state dict (official key names) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

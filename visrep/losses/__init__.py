@@ -1,0 +1,4 @@
+"""Pure loss functions; anything that uses batch statistics takes an explicit process group."""
+from .jepa import jepa_loss, normalized_targets
+
+__all__ = ["jepa_loss", "normalized_targets"]

@@ -1,0 +1,94 @@
+"""The narrow I-JEPA predictor, with a pluggable target-token builder.
+
+Given context tokens (encoder output at the kept indices ``masks_x``) it predicts the target
+encoder's tokens at ``masks`` (one index tensor per target block):
+
+    x      = embed(context) + pos[masks_x]
+    t_j    = target_tokens(pos[masks_j])              # I-JEPA: mask_token + pos
+    out_j  = proj(norm(blocks([x ; t_j])))[:, N_ctx:]  # each target block in its own sequence
+
+Output rows are ordered (target block j, context mask i, sample b), the official order. StoP
+(stochastic positions) and IWM (conditioning) only change ``target_tokens`` / the sequence.
+State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
+``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .vit import _as_list, apply_masks, repeat_interleave_batch, sincos_pos_embed_2d
+
+__all__ = ["Predictor"]
+
+
+class Predictor(nn.Module):
+    def __init__(
+        self,
+        num_patches: int | tuple[int, int],
+        embed_dim: int = 768,
+        predictor_embed_dim: int = 384,
+        depth: int = 6,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if isinstance(num_patches, int):
+            side = math.isqrt(num_patches)
+            if side * side != num_patches:
+                raise ValueError(f"num_patches={num_patches} is not a square grid; pass (grid_h, grid_w)")
+            num_patches = (side, side)
+        self.grid = tuple(num_patches)
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
+        table = sincos_pos_embed_2d(predictor_embed_dim, *self.grid, dtype=torch.float32)
+        self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.predictor_blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  norm_layer=norm_layer) for i in range(depth))
+        self.predictor_norm = norm_layer(predictor_embed_dim)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        trunc_normal_(self.mask_token, std=0.02)
+        for i, blk in enumerate(self.predictor_blocks, start=1):
+            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+    def target_tokens(self, pos: Tensor) -> Tensor:
+        """Query tokens for the target positions ``pos`` [R, K, d]: I-JEPA uses mask_token + pos."""
+        return self.mask_token.to(pos.dtype) + pos
+
+    def forward(self, x: Tensor, masks_x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor]) -> Tensor:
+        masks_x, masks = _as_list(masks_x), _as_list(masks)
+        batch = x.size(0) // len(masks_x)
+        pos = self.predictor_pos_embed[0]                                  # [N, d], shared table
+
+        x = self.predictor_embed(x) + apply_masks(pos, masks_x)            # [nx*B, Nc, d]
+        n_ctx = x.size(1)
+        target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, repeat=len(masks_x))
+        queries = self.target_tokens(target_pos)                           # [nt*nx*B, Nt, d]
+        x = torch.cat([x.repeat(len(masks), 1, 1), queries], dim=1)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))

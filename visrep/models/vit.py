@@ -1,0 +1,265 @@
+"""A masked Vision Transformer built from timm's layers.
+
+One backbone for every method:
+
+* any patch size (1 included: pixels as tokens) and any number of input channels;
+* fixed 2-D sin-cos (I-JEPA) or learned (DINOv2) position embeddings, resized for other input
+  sizes (sin-cos: recomputed exactly; learned: bicubic, DINOv2's +0.1 offset);
+* optional [CLS] token and extra learned tokens (registers / Llip mixture tokens);
+* two kinds of masking, usable together:
+  - ``mask`` (bool [B, N], iBOT/DINOv2): masked patch embeddings are replaced by a learned
+    ``mask_token`` *before* position embeddings are added;
+  - ``idx_keep`` (I-JEPA/MSN): a LongTensor [B, K] of patch indices to keep, or a list of them; a
+    list is processed as one batch, concatenated mask-major (the official ``apply_masks`` order),
+    so the encoder only ever sees kept tokens.
+
+Token order in the sequence: [CLS] (if any), registers, patches. State-dict keys follow timm / the
+official I-JEPA and DINOv2 code (``patch_embed.proj``, ``pos_embed``, ``cls_token``,
+``register_tokens``, ``mask_token``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
+mlp.fc2,ls2.gamma}``, ``norm``), so official checkpoints load without renaming (see ``visrep.hub``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+__all__ = ["VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch", "VIT_SIZES"]
+
+# name -> (embed_dim, depth, num_heads)   (mlp_ratio 4 unless noted; giant uses 48/11)
+VIT_SIZES = {
+    "pico": (96, 6, 3),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+    "giant": (1408, 40, 16),
+}
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool = False,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+    """Fixed 2-D sin-cos table [(1 +) H*W, D], computed in float64 (MAE / I-JEPA layout).
+
+    The first D/2 channels encode the column (w) coordinate, the last D/2 the row (h); each half
+    is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (D/4)).
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need embed_dim divisible by 4, got {embed_dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def one_d(pos: Tensor, dim: int) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([one_d(cols, embed_dim // 2), one_d(rows, embed_dim // 2)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
+    return emb.to(dtype)
+
+
+def _as_list(masks: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
+    if masks is None:
+        return None
+    return [masks] if isinstance(masks, Tensor) else list(masks)
+
+
+def apply_masks(x: Tensor, masks: Tensor | Sequence[Tensor]) -> Tensor:
+    """Gather tokens ``x`` [B, N, D] at each index tensor [B, K]; concatenate mask-major [M*B, K, D].
+
+    A 2-D ``x`` [N, D] is a table shared by the whole batch (position embeddings).
+    """
+    index = torch.cat(_as_list(masks), dim=0)                         # [M*B, K]
+    if x.dim() == 2:
+        return x[index]
+    batch, n = x.shape[:2]
+    offsets = torch.arange(batch, device=x.device).repeat(index.size(0) // batch) * n
+    return x.reshape(batch * n, -1)[index + offsets.unsqueeze(1)]
+
+
+def repeat_interleave_batch(x: Tensor, batch_size: int, repeat: int) -> Tensor:
+    """[(G*B), ...] -> [(G*repeat*B), ...]: each consecutive block of B rows is repeated ``repeat`` times."""
+    if repeat == 1:
+        return x
+    g = x.size(0) // batch_size
+    x = x.reshape(g, 1, batch_size, *x.shape[1:]).expand(g, repeat, batch_size, *x.shape[1:])
+    return x.reshape(g * repeat * batch_size, *x.shape[3:])
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_embed: str = "sincos",
+        class_token: bool = False,
+        num_registers: int = 0,
+        mask_token: bool = False,
+        init_values: float | None = None,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+        rescale_init: bool = True,
+    ):
+        super().__init__()
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.num_prefix = int(class_token) + num_registers
+        self.pos_embed_type = pos_embed
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+
+        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.grid = self.patch_embed.grid_size
+        n_pos = self.grid[0] * self.grid[1] + int(class_token)
+        if pos_embed == "sincos":
+            table = sincos_pos_embed_2d(embed_dim, *self.grid, cls_token=class_token, dtype=torch.float32)
+            self.pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
+
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
+                  drop_path=dpr[i], norm_layer=norm_layer) for i in range(depth))
+        self.norm = norm_layer(embed_dim)
+        self._init_weights(rescale_init)
+
+    # -- init ----------------------------------------------------------------------------------
+    def _init_weights(self, rescale: bool) -> None:
+        """trunc_normal(0.02) Linear/Conv, LN (1, 0); I-JEPA's 1/sqrt(2*layer) rescale of residual outputs."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.register_tokens, self.mask_token):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
+        if self.pos_embed_type == "learned":
+            trunc_normal_(self.pos_embed, std=0.02)
+        if rescale:
+            for i, blk in enumerate(self.blocks, start=1):
+                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+    # -- position embeddings -------------------------------------------------------------------
+    def patch_pos_embed(self, grid_h: int, grid_w: int) -> Tensor:
+        """Position embeddings of the patch tokens for a grid_h x grid_w grid: [1, H*W, D]."""
+        pos = self.pos_embed[:, int(self.cls_token is not None):]
+        if (grid_h, grid_w) == tuple(self.grid):
+            return pos
+        if self.pos_embed_type == "sincos":
+            return sincos_pos_embed_2d(self.embed_dim, grid_h, grid_w).to(pos).unsqueeze(0)
+        # learned: bicubic resize in float32, as DINOv2 (scale factor (g + offset) / g_native)
+        gh, gw = self.grid
+        grid = pos.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        kwargs = ({"scale_factor": ((grid_h + self.interpolate_offset) / gh, (grid_w + self.interpolate_offset) / gw)}
+                  if self.interpolate_offset else {"size": (grid_h, grid_w)})
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **kwargs)
+        return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
+
+    # -- forward -------------------------------------------------------------------------------
+    def prepare_tokens(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
+                       mask: Tensor | None = None) -> Tensor:
+        """Patchify, substitute masked tokens, add positions, keep ``idx_keep``, prepend prefix tokens."""
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)                                            # [B, N, D]
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("mask= needs a model built with mask_token=True")
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = x + self.patch_pos_embed(grid_h, grid_w)
+        if idx_keep is not None:
+            x = apply_masks(x, idx_keep)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append((self.cls_token + self.pos_embed[:, :1]).expand(x.size(0), -1, -1))
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(x.size(0), -1, -1))
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def forward(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """All output tokens after the final norm: [B (x n_masks), prefix + kept patches, D]."""
+        x = self.prepare_tokens(x, idx_keep, mask)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """DINOv2-style output dict: normed cls / register / patch tokens and the pre-norm sequence."""
+        x = self.prepare_tokens(x, mask=mask)
+        for blk in self.blocks:
+            x = blk(x)
+        x_norm = self.norm(x)
+        c = int(self.cls_token is not None)
+        return {
+            "x_norm_clstoken": x_norm[:, 0] if c else None,
+            "x_norm_regtokens": x_norm[:, c:self.num_prefix],
+            "x_norm_patchtokens": x_norm[:, self.num_prefix:],
+            "x_prenorm": x,
+            "masks": mask,
+        }
+
+    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True):
+        """Outputs of the last ``n`` blocks (or of the listed block indices), DINOv2 semantics."""
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        take = set(range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n)
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in take:
+                outputs.append(x)
+        if norm:
+            outputs = [self.norm(o) for o in outputs]
+        cls = [o[:, 0] for o in outputs]
+        patches = [o[:, self.num_prefix:] for o in outputs]
+        if reshape:
+            patches = [p.reshape(p.size(0), grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        return tuple(zip(patches, cls)) if return_class_token else tuple(patches)
+
+    def pooled(self, x: Tensor, pool: str = "avg") -> Tensor:
+        """A single vector per image: average of patch tokens ('avg', I-JEPA probe) or the [CLS] token."""
+        tokens = self.forward(x)
+        if pool == "cls":
+            if self.cls_token is None:
+                raise ValueError("pool='cls' needs a model with a class token")
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix:].mean(dim=1)
+
+    @classmethod
+    def from_size(cls, size: str, **kwargs) -> "VisionTransformer":
+        dim, depth, heads = VIT_SIZES[size]
+        kwargs.setdefault("mlp_ratio", 48 / 11 if size == "giant" else 4.0)
+        return cls(embed_dim=dim, depth=depth, num_heads=heads, **kwargs)
