@@ -100,7 +100,13 @@ class IJEPA(Method):
     def prepare_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator):
         crops = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
                                           generator=generator, hflip=self.cfg.hflip)
-        masks_enc, masks_pred = self.mask_collator.sample(images.size(0), generator=generator)
+        # The collator draws block sizes from its step counter and positions from the global RNG:
+        # seed both from ``generator`` so that each step's masks are a pure function of the step.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        self.mask_collator.set_step(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            masks_enc, masks_pred = self.mask_collator.sample(images.size(0))
         return (self.normalize(crops), labels), masks_enc, masks_pred
 
     def collate(self):

@@ -1,0 +1,61 @@
+"""Data layer: datasets, transforms (per-sample and batched) and loaders.
+
+Masking collators live in :mod:`visrep.data.masks` (import them from there).
+"""
+from .datasets import (
+    DATASET_NAMES,
+    DEBIAN_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    DatasetNotFoundError,
+    FashionMNIST,
+    IDXFormatError,
+    ProceduralShapes,
+    SafeImageFolder,
+    TensorImageDataset,
+    UnreadableImageWarning,
+    build_dataset,
+    load_cifar,
+    load_fashion_mnist,
+    read_idx,
+)
+from .loaders import (
+    InMemoryBatches,
+    ResumableSampler,
+    build_loader,
+    dist_info,
+    epoch_permutation,
+    set_epoch,
+    shard_indices,
+)
+from .transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DATASET_STATS,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchEvalTransform,
+    BatchRandomResizedCrop,
+    batch_normalize,
+    batch_random_resized_crop,
+    batch_resize_center_crop,
+    dataset_stats,
+    eval_transform,
+    sample_rrc_boxes,
+    train_transform,
+)
+
+__all__ = [
+    "DATASET_NAMES", "DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "DatasetNotFoundError", "FashionMNIST",
+    "IDXFormatError", "ProceduralShapes", "SafeImageFolder", "TensorImageDataset", "UnreadableImageWarning",
+    "build_dataset", "load_cifar", "load_fashion_mnist", "read_idx",
+    "InMemoryBatches", "ResumableSampler", "build_loader", "dist_info", "epoch_permutation", "set_epoch",
+    "shard_indices",
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASET_STATS", "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "BatchEvalTransform", "BatchRandomResizedCrop",
+    "batch_normalize", "batch_random_resized_crop", "batch_resize_center_crop", "dataset_stats",
+    "eval_transform", "sample_rrc_boxes", "train_transform",
+]

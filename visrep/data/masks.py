@@ -1,0 +1,371 @@
+"""I-JEPA multi-block masking: one or more large *context* blocks and several small *target* blocks.
+
+``MultiBlockMaskCollator`` is a ``collate_fn`` that returns ``(collated_batch, masks_enc, masks_pred)``,
+where ``masks_enc`` (``nenc`` entries) and ``masks_pred`` (``npred`` entries) are lists of ``LongTensor
+[B, K]`` holding the kept patch indices of each block (row-major, ascending). This is the output
+structure of the official I-JEPA ``MaskCollator``.
+
+Shared by both modes
+    * Block **sizes** are sampled once per batch from a ``torch.Generator`` seeded with a step counter
+      shared across dataloader workers (``multiprocessing.Value``); batch ``i`` uses seed ``i``. All
+      target blocks of a batch share one size, and so do all context blocks, so the masks are equal-size
+      rectangles and truncation (below) loses little.
+    * One uniform draw ``u`` sets both scale and aspect ratio (they are perfectly correlated):
+      ``s = s_min + u (s_max - s_min)``, ``ar = ar_min + u (ar_max - ar_min)``, ``n = int(H W s)``,
+      ``h = round(sqrt(n ar))``, ``w = round(sqrt(n / ar))``, then ``h``/``w`` are decremented until they
+      are smaller than the grid (a block never spans the full grid). Context blocks use ``ar = 1``.
+    * Block **positions** use the global torch RNG (seeded per worker by the DataLoader).
+    * Context = context block minus the union of the sample's target blocks (unless ``allow_overlap``).
+    * Every mask of a batch is truncated to the smallest mask length in the batch (one length for all
+      context masks, one for all target masks); indices are row-major, so truncation drops the
+      bottom/right-most patches of larger masks.
+
+``mode="official"`` reproduces the reference implementation, quirks included, and with the same global
+RNG state it returns bit-identical masks (the RNG call sequence is the same: per sample, ``torch.randint``
+for top then left of every target block, then of every context-block try):
+    * corners are drawn with ``torch.randint(0, H - h)`` (exclusive upper bound), so no block ever touches
+      the last row/column of the grid;
+    * every block (target blocks too) must keep ``> min_keep`` patches; a context block is re-drawn, and
+      after 20 failures in a row one target constraint is dropped (logged warning "Valid mask not found,
+      decreasing acceptable-regions"), so context and targets **can overlap**;
+    * the reference loops forever when a target block (or an unconstrained context block) has
+      ``<= min_keep`` patches, e.g. the paper config with ``min_keep=10`` on an 8x8 grid. Here that
+      condition is detected before sampling and a ``RuntimeError`` is raised instead of hanging.
+
+``mode="default"`` keeps the size distribution (same per-batch sizes) but
+    * always terminates and never lets context and targets overlap: targets are placed, then up to
+      ``max_tries`` context positions are tried (as the reference does). If none leaves ``min_keep``
+      context patches, the sample's targets and context are re-drawn (up to ``max_rounds`` rounds); if a
+      sample still fails, the batch's target size is shrunk by one row/column (larger side first) and the
+      batch is re-drawn. With 1x1 targets success is certain, so the loop is bounded.
+    * ``min_keep`` is a requirement on the context only (``>= min_keep`` patches); target blocks may be
+      smaller. It is capped at ``context_block_area - npred`` when the grid is too small for it (warned
+      once), which keeps it always achievable.
+    * corners are drawn over all valid positions (``torch.randint(0, H - h + 1)``), so blocks can touch
+      the last row/column; pass ``exclusive_corner=True`` to mirror the reference placement instead (on
+      small grids that placement wastes a lot: on 7x7 the 6x6 context block always sits at (0, 0) and the
+      last row and column, 13 of 49 patches, are never used).
+    * it is vectorised over the batch (boolean ``[B, H, W]`` masks).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_WARNING = "Valid mask not found, decreasing acceptable-regions"
+
+__all__ = ["MultiBlockMaskCollator", "block_masks", "masks_to_indices", "FALLBACK_WARNING"]
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return x, x
+    a, b = x
+    return int(a), int(b)
+
+
+def block_masks(tops: Tensor, lefts: Tensor, size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Boolean masks ``[..., H, W]`` of ``size`` rectangles with top-left corners ``(tops, lefts)``."""
+    (h, w), (H, W) = size, grid
+    rows = torch.arange(H, device=tops.device)
+    cols = torch.arange(W, device=tops.device)
+    in_rows = (rows >= tops[..., None]) & (rows < tops[..., None] + h)  # [..., H]
+    in_cols = (cols >= lefts[..., None]) & (cols < lefts[..., None] + w)  # [..., W]
+    return in_rows[..., :, None] & in_cols[..., None, :]
+
+
+def masks_to_indices(masks: Tensor) -> list[Tensor]:
+    """Boolean masks ``[B, n, H, W]`` -> list of ``n`` LongTensors ``[B, K]`` of kept indices.
+
+    Indices are row-major and ascending; every mask is truncated to ``K`` = the smallest mask size over
+    the whole ``[B, n]`` (the reference collation).
+    """
+    B, n = masks.shape[:2]
+    flat = masks.flatten(2)
+    k = int(flat.sum(-1).min())
+    first_k = flat & (flat.cumsum(-1) <= k)  # the k first kept patches of every mask
+    idx = first_k.nonzero()[:, 2].view(B, n, k)  # nonzero is row-major: ascending within each mask
+    return [idx[:, i].contiguous() for i in range(n)]
+
+
+class MultiBlockMaskCollator:
+    """I-JEPA multi-block mask collator (see the module docstring for the two modes).
+
+    Args:
+        input_size: image size (int or ``(H, W)``) in pixels.
+        patch_size: patch size in pixels; the mask grid is ``input_size // patch_size``.
+        enc_mask_scale: range of the context-block area as a fraction of the grid.
+        pred_mask_scale: range of the target-block area as a fraction of the grid.
+        aspect_ratio: range of the target-block aspect ratio ``h / w``.
+        nenc: number of context blocks per sample.
+        npred: number of target blocks per sample.
+        min_keep: official: every block keeps ``> min_keep`` patches (may hang in the reference; raises
+            here). default: every context mask keeps ``>= min_keep`` patches (capped, see module doc).
+        allow_overlap: if True the context block is not constrained by the targets.
+        mode: ``"default"`` (safe, never overlaps, always terminates) or ``"official"`` (bit-exact
+            reference behaviour).
+        base_collate: collate function applied to the batch itself.
+        exclusive_corner: corner upper bound exclusive (reference quirk). ``None``: True for
+            ``"official"``, False for ``"default"``.
+        max_tries: context-position tries before the fallback (reference: 20).
+        max_rounds: default mode only: re-draws of a failing sample before the target size is shrunk.
+
+    Block sizes come from ``torch.Generator().manual_seed(step)``, with ``step`` a counter shared by all
+    dataloader workers; ``set_step(i)`` makes the next batch use seed ``i``.
+
+    After each batch, ``last_info`` holds ``step``, ``p_size_sampled``, ``p_size`` (after any default-mode
+    shrink), ``e_size``, ``fallbacks`` (official constraint relaxations; always 0 in default mode) and, in
+    default mode, ``redrawn`` (sample re-draws) and ``shrinks`` (target-size reductions).
+    Official-mode bit-exactness needs ``exclusive_corner`` left at its default (True).
+    """
+
+    def __init__(
+        self,
+        input_size: int | Sequence[int] = (224, 224),
+        patch_size: int | Sequence[int] = 16,
+        enc_mask_scale: Sequence[float] = (0.85, 1.0),
+        pred_mask_scale: Sequence[float] = (0.15, 0.2),
+        aspect_ratio: Sequence[float] = (0.75, 1.5),
+        nenc: int = 1,
+        npred: int = 4,
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+        mode: str = "default",
+        base_collate: Callable[[list], Any] = default_collate,
+        exclusive_corner: bool | None = None,
+        max_tries: int = 20,
+        max_rounds: int = 10,
+    ):
+        if mode not in ("default", "official"):
+            raise ValueError(f"mode must be 'default' or 'official', got {mode!r}")
+        (ih, iw), (ph, pw) = _pair(input_size), _pair(patch_size)
+        self.height, self.width = ih // ph, iw // pw
+        if self.height < 2 or self.width < 2:
+            raise ValueError(f"mask grid {self.height}x{self.width} is too small (need >= 2x2)")
+        if nenc < 1 or npred < 1:
+            raise ValueError("nenc and npred must be >= 1")
+        self.enc_mask_scale = tuple(float(s) for s in enc_mask_scale)
+        self.pred_mask_scale = tuple(float(s) for s in pred_mask_scale)
+        self.aspect_ratio = tuple(float(a) for a in aspect_ratio)
+        self.nenc, self.npred = int(nenc), int(npred)
+        self.min_keep = int(min_keep)
+        self.allow_overlap = bool(allow_overlap)
+        self.mode = mode
+        self.base_collate = base_collate
+        self.exclusive_corner = (mode == "official") if exclusive_corner is None else bool(exclusive_corner)
+        self.max_tries = int(max_tries)
+        self.max_rounds = int(max_rounds)
+        if self.max_tries < 1 or self.max_rounds < 0:
+            raise ValueError("max_tries must be >= 1 and max_rounds >= 0")
+        self._step = multiprocessing.Value("i", -1)  # shared with dataloader workers
+        self._capped_warned = False
+        self.last_info: dict[str, Any] = {}
+
+        if mode == "default" and not self.allow_overlap:
+            # smallest possible context block (sizes are monotone in the uniform draw)
+            eh, ew = self.block_size_at(0.0, self.enc_mask_scale, (1.0, 1.0))
+            if eh * ew <= self.npred:
+                raise ValueError(
+                    f"grid {self.height}x{self.width} too small: a {eh}x{ew} context block cannot keep a "
+                    f"patch next to {self.npred} target blocks")
+
+    # ------------------------------------------------------------------ step counter
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def current_step(self) -> int:
+        """Generator seed used by the most recent batch (-1 before the first)."""
+        return self._step.value
+
+    def set_step(self, step: int) -> None:
+        """Make the next batch sample its block sizes with generator seed ``step`` (e.g. on resume)."""
+        with self._step.get_lock():
+            self._step.value = int(step) - 1
+
+    def _next_step(self) -> int:
+        with self._step.get_lock():
+            self._step.value += 1
+            return self._step.value
+
+    # ------------------------------------------------------------------ sizes
+    def sample_block_size(self, generator, scale: Sequence[float], aspect_ratio: Sequence[float]) -> tuple[int, int]:
+        """Block ``(h, w)`` from ONE uniform draw shared by scale and aspect ratio (reference quirk)."""
+        return self.block_size_at(torch.rand(1, generator=generator).item(), scale, aspect_ratio)
+
+    def block_size_at(self, u: float, scale: Sequence[float], aspect_ratio: Sequence[float]) -> tuple[int, int]:
+        """Block ``(h, w)`` for the uniform draw ``u`` (default mode clamps sizes to >= 1)."""
+        s = scale[0] + u * (scale[1] - scale[0])
+        n_keep = int(self.height * self.width * s)
+        ar = aspect_ratio[0] + u * (aspect_ratio[1] - aspect_ratio[0])
+        h = int(round(math.sqrt(n_keep * ar)))
+        w = int(round(math.sqrt(n_keep / ar)))
+        h = min(h, self.height - 1)  # the reference decrements until h < H
+        w = min(w, self.width - 1)
+        if self.mode == "default":
+            h, w = max(h, 1), max(w, 1)
+        return h, w
+
+    def _corner_high(self, size: tuple[int, int]) -> tuple[int, int]:
+        extra = 0 if self.exclusive_corner else 1
+        return self.height - size[0] + extra, self.width - size[1] + extra
+
+    # ------------------------------------------------------------------ public API
+    def sample_boolean_masks(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Masks for one batch BEFORE collation: ``(enc [B, nenc, H, W], pred [B, npred, H, W])`` bool.
+
+        Advances the step counter; ``self.last_info`` records the sizes used and fallback counts.
+        """
+        step = self._next_step()
+        g = torch.Generator()
+        g.manual_seed(step)
+        p_size = self.sample_block_size(g, self.pred_mask_scale, self.aspect_ratio)
+        e_size = self.sample_block_size(g, self.enc_mask_scale, (1.0, 1.0))
+        if self.mode == "official":
+            enc, pred, info = self._sample_official(batch_size, p_size, e_size)
+        else:
+            enc, pred, info = self._sample_default(batch_size, p_size, e_size)
+        self.last_info = {"step": step, "p_size_sampled": p_size, "e_size": e_size, **info}
+        return enc, pred
+
+    def sample(self, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Collated masks for a batch of ``batch_size``: ``(masks_enc, masks_pred)``, lists of ``[B, K]``."""
+        enc, pred = self.sample_boolean_masks(batch_size)
+        return masks_to_indices(enc), masks_to_indices(pred)
+
+    def __call__(self, batch: list) -> tuple[Any, list[Tensor], list[Tensor]]:
+        collated = self.base_collate(batch)
+        masks_enc, masks_pred = self.sample(len(batch))
+        return collated, masks_enc, masks_pred
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(grid={self.height}x{self.width}, mode={self.mode!r}, "
+                f"enc_mask_scale={self.enc_mask_scale}, pred_mask_scale={self.pred_mask_scale}, "
+                f"aspect_ratio={self.aspect_ratio}, nenc={self.nenc}, npred={self.npred}, "
+                f"min_keep={self.min_keep}, allow_overlap={self.allow_overlap})")
+
+    # ------------------------------------------------------------------ official mode
+    def _rect_bits(self, size: tuple[int, int], hi: tuple[int, int]) -> list[list[int]]:
+        """``bits[top][left]``: a block as a Python-int bitmask over the row-major grid."""
+        (h, w), W = size, self.width
+        col = sum(1 << (r * W) for r in range(h)) * ((1 << w) - 1)  # block at (0, 0)
+        return [[col << (t * W + l) for l in range(hi[1])] for t in range(hi[0])]
+
+    def _sample_official(self, B: int, p_size, e_size):
+        (ph, pw), (eh, ew) = p_size, e_size
+        H, W, npred, nenc, min_keep = self.height, self.width, self.npred, self.nenc, self.min_keep
+        if ph * pw <= min_keep or eh * ew <= min_keep:
+            raise RuntimeError(
+                f"official I-JEPA MaskCollator would loop forever at step {self._step.value}: target block "
+                f"{ph}x{pw} / context block {eh}x{ew} must keep more than min_keep={min_keep} patches. "
+                f"Lower min_keep, enlarge the grid, or use mode='default'.")
+        p_hi, e_hi = self._corner_high(p_size), self._corner_high(e_size)
+        e_bits = self._rect_bits(e_size, e_hi)
+        p_bits = self._rect_bits(p_size, p_hi)
+        pred_pos, enc_pos, n_kept = [], [], []  # corners of targets / contexts, constraints kept per context
+        fallbacks = 0
+        for _ in range(B):
+            # same global-RNG call order as the reference: top then left, targets then context tries
+            unions = [0]  # unions[n]: bitmask of the first n targets
+            for _ in range(npred):  # area > min_keep: the first try is always valid
+                top = int(torch.randint(0, p_hi[0], (1,)))
+                left = int(torch.randint(0, p_hi[1], (1,)))
+                pred_pos.append((top, left))
+                unions.append(unions[-1] | p_bits[top][left])
+            for _ in range(nenc):
+                relaxed, timeout = 0, self.max_tries
+                while True:
+                    top = int(torch.randint(0, e_hi[0], (1,)))
+                    left = int(torch.randint(0, e_hi[1], (1,)))
+                    n = 0 if self.allow_overlap else max(npred - relaxed, 0)
+                    if (e_bits[top][left] & ~unions[n]).bit_count() > min_keep:
+                        break
+                    timeout -= 1
+                    if timeout == 0:  # n == 0 is unconstrained and always valid, so this is bounded
+                        relaxed += 1
+                        timeout = self.max_tries
+                        fallbacks += 1
+                        logger.warning('Mask generator says: "%s [%d]"', FALLBACK_WARNING, relaxed)
+                enc_pos.append((top, left))
+                n_kept.append(n)
+        pp = torch.tensor(pred_pos).view(B, npred, 2)
+        ep = torch.tensor(enc_pos).view(B, nenc, 2)
+        pred = block_masks(pp[..., 0], pp[..., 1], p_size, (H, W))
+        enc = block_masks(ep[..., 0], ep[..., 1], e_size, (H, W))
+        # subtract the union of the first n targets (n = constraints still active when accepted)
+        unions = torch.cat([torch.zeros(B, 1, H, W, dtype=torch.bool), pred.cumsum(1) > 0], 1)
+        n = torch.tensor(n_kept).view(B, nenc)
+        enc &= ~unions[torch.arange(B)[:, None], n]
+        return enc, pred, {"p_size": p_size, "fallbacks": fallbacks}
+
+    # ------------------------------------------------------------------ default mode
+    def _context_min(self, e_size) -> int:
+        k = min(self.min_keep, e_size[0] * e_size[1] - self.npred)
+        if k < self.min_keep and not self._capped_warned:
+            self._capped_warned = True
+            warnings.warn(
+                f"min_keep={self.min_keep} is not achievable next to {self.npred} targets in a "
+                f"{e_size[0]}x{e_size[1]} context block on a {self.height}x{self.width} grid; using {k}",
+                stacklevel=3)
+        return max(k, 1)
+
+    def _draw_corners(self, shape: tuple[int, ...], size) -> tuple[Tensor, Tensor]:
+        hi = self._corner_high(size)
+        return torch.randint(0, hi[0], shape), torch.randint(0, hi[1], shape)
+
+    def _sample_default(self, B: int, p_size, e_size):
+        grid, nenc, npred, tries = self.grid, self.nenc, self.npred, self.max_tries
+        (eh, ew), (H, W) = e_size, grid
+        if self.allow_overlap:
+            pred = block_masks(*self._draw_corners((B, npred), p_size), p_size, grid)
+            enc = block_masks(*self._draw_corners((B, nenc), e_size), e_size, grid)
+            return enc, pred, {"p_size": p_size, "fallbacks": 0, "redrawn": 0, "shrinks": 0}
+        k = self._context_min(e_size)
+        size, shrinks, redrawn = p_size, 0, 0
+        while True:
+            done: list[tuple[Tensor, Tensor, Tensor]] = []  # (sample ids, targets, contexts) per round
+            todo = torch.arange(B)
+            for rnd in range(self.max_rounds + 1):
+                n = len(todo)
+                redrawn += n if rnd else 0
+                targets = block_masks(*self._draw_corners((n, npred), size), size, grid)  # [n, npred, H, W]
+                union = targets.any(1)  # [n, H, W]
+                # context patches left by a context block at every corner: box sums of the free cells
+                S = torch.nn.functional.pad((~union).to(torch.int32).cumsum(1).cumsum(2), (1, 0, 1, 0))
+                kept = S[:, eh:, ew:] - S[:, :-eh, ew:] - S[:, eh:, :-ew] + S[:, :-eh, :-ew]
+                tops, lefts = self._draw_corners((n, nenc, tries), e_size)  # `tries` candidates per block
+                flat = (tops * kept.shape[2] + lefts).view(n, -1)
+                valid = (kept.flatten(1).gather(1, flat) >= k).view(n, nenc, tries)
+                first = valid.to(torch.uint8).argmax(-1, keepdim=True)  # first valid try, as the reference
+                top, left = tops.gather(-1, first)[..., 0], lefts.gather(-1, first)[..., 0]
+                contexts = block_masks(top, left, e_size, grid) & ~union[:, None]
+                ok = valid.any(-1).all(-1)  # [n]
+                if rnd == 0 and bool(ok.all()):
+                    return contexts, targets, {"p_size": size, "fallbacks": 0, "redrawn": 0, "shrinks": shrinks}
+                # (index_select rather than boolean indexing / index_put: far cheaper on busy CPUs)
+                good, bad = ok.nonzero()[:, 0], (~ok).nonzero()[:, 0]
+                done.append((todo.index_select(0, good), targets.index_select(0, good),
+                             contexts.index_select(0, good)))
+                todo = todo.index_select(0, bad)
+                if len(todo) == 0:
+                    order = torch.cat([d[0] for d in done]).argsort()
+                    pred = torch.cat([d[1] for d in done]).index_select(0, order)
+                    enc = torch.cat([d[2] for d in done]).index_select(0, order)
+                    return enc, pred, {"p_size": size, "fallbacks": 0, "redrawn": redrawn, "shrinks": shrinks}
+            # some sample failed every round: shrink the batch's target size and re-draw the batch.
+            # With 1x1 targets every context block keeps >= area - npred >= k patches, so this ends.
+            h, w = size
+            if h == 1 and w == 1:  # unreachable: k <= context area - npred
+                raise RuntimeError("MultiBlockMaskCollator: no valid mask with 1x1 targets")
+            size = (h - 1, w) if h >= w and h > 1 else (h, w - 1)
+            shrinks += 1
