@@ -1,0 +1,108 @@
+"""Training metrics: one JSON line per log step, TensorBoard scalars (optional), a progress bar.
+
+Only the main process logs (pass ``enabled=False`` elsewhere). ``metrics.jsonl`` is appended to,
+so a resumed run continues the same file (:meth:`MetricLogger.truncate_after` drops the lines a
+crashed run wrote after the checkpoint it resumes from).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan" / "inf": keep the file valid JSON
+    return v
+
+
+class MetricLogger:
+    """``log(record)`` writes ``record`` (a flat dict with a ``step``) to ``out_dir/metrics.jsonl``
+    and its numbers to TensorBoard (``out_dir/tb``) when ``tensorboard`` is importable.
+
+    ``progress`` shows a tqdm bar over steps ``[initial, total)`` with img/s and ETA;
+    :meth:`advance` moves it (cheap: tqdm redraws at most every ``mininterval`` seconds).
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 progress: bool = True, total: int | None = None, initial: int = 0, desc: str = "train"):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception as e:  # tensorboard missing or broken: JSONL is enough
+                warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})", stacklevel=2)
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                                 mininterval=1.0)
+            except ImportError:  # pragma: no cover
+                self._bar = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop JSONL lines with ``step > step`` (left by a run that crashed after its last checkpoint)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}" if "/" not in k else k, v, step)
+        if self._bar is not None:
+            post = {k: f"{record[k]:.4g}" for k in ("loss", "lr") if isinstance(record.get(k), float)}
+            if "images_per_sec" in record:
+                post["img/s"] = f"{record['images_per_sec']:.0f}"
+            self._bar.set_postfix(post, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar (main process only)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+__all__ = ["MetricLogger"]

@@ -1,0 +1,34 @@
+"""Optimizers, schedules and EMA helpers."""
+from .ema import ema_update_, make_target
+from .factory import apply_schedules, build_optimizer
+from .schedules import (
+    CosineWD,
+    WarmupCosine,
+    build_schedules,
+    cosine_momentum,
+    cosine_schedule,
+    linear_momentum,
+    schedule_horizon,
+)
+
+try:  # written separately; keep the package importable without it
+    from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
+except ImportError:  # pragma: no cover
+    _CRITICAL_NAMES: list[str] = []
+else:
+    _CRITICAL_NAMES = ["SGDC", "AdamC", "RMSpropC", "SGD_C", "Adam_C", "RMSprop_C"]
+
+__all__ = [
+    "CosineWD",
+    "WarmupCosine",
+    "apply_schedules",
+    "build_optimizer",
+    "build_schedules",
+    "cosine_momentum",
+    "cosine_schedule",
+    "ema_update_",
+    "linear_momentum",
+    "make_target",
+    "schedule_horizon",
+    *_CRITICAL_NAMES,
+]

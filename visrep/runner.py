@@ -1,0 +1,183 @@
+"""What the CLI does, as plain functions: pretrain, evaluate, export, demo.
+
+Wires the layers together (data -> method -> engine -> eval); holds no algorithm of its own.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from visrep.config import Config, build_config, load_config
+from visrep.data import build_dataset
+from visrep.data.transforms import dataset_stats
+from visrep.methods import Method, build_method
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ijepa" / "fashion_mnist_demo.yaml"
+
+
+# -- data --------------------------------------------------------------------------------------------
+def load_split(cfg: Config, split: str):
+    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download)
+    if split == "train" and cfg.data.train_subset:
+        ds = _subset(ds, cfg.data.train_subset)
+    return ds
+
+
+def _subset(ds, n: int):
+    from visrep.data.datasets import TensorImageDataset
+
+    if hasattr(ds, "tensors"):
+        images, labels = ds.tensors()
+        sub = TensorImageDataset(images[:n], labels[:n], transform=getattr(ds, "transform", None))
+        for attr in ("num_classes", "classes"):
+            if hasattr(ds, attr):
+                setattr(sub, attr, getattr(ds, attr))
+        return sub
+    return torch.utils.data.Subset(ds, range(min(n, len(ds))))
+
+
+def data_info(cfg: Config, ds) -> dict:
+    in_chans = getattr(ds, "in_chans", 3)
+    mean, std = dataset_stats(cfg.data.name, in_chans)
+    return dict(in_chans=in_chans, image_size=cfg.data.image_size, num_classes=getattr(ds, "num_classes", None),
+                mean=mean, std=std)
+
+
+def eval_images(ds, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images at the evaluation resolution (+ labels) for in-memory datasets."""
+    from visrep.data.transforms import batch_resize_center_crop
+
+    images, labels = ds.tensors()
+    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+        images = (batch_resize_center_crop(images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
+    return images, labels
+
+
+# -- pretrain ----------------------------------------------------------------------------------------
+def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bool = False):
+    """Pretrain ``cfg.method`` on ``cfg.data``; returns (method, TrainResult)."""
+    from visrep.engine import train
+
+    train_ds = load_split(cfg, "train")
+    eval_ds = None
+    if cfg.train.online_knn:
+        try:
+            eval_ds = load_split(cfg, "test")
+        except (FileNotFoundError, ValueError):
+            eval_ds = None
+    method = build_method(cfg, data_info(cfg, train_ds))
+    result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
+                   fit_schedule_to_budget=fit_schedule_to_budget)
+    return method, result
+
+
+def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, Method, dict]:
+    """Rebuild the method saved in a training checkpoint, weights loaded."""
+    from visrep.config import _set_dotted, parse_overrides
+    from visrep.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    tree = copy.deepcopy(state["config"])
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    cfg = build_config(tree)
+    method = build_method(cfg, data_info(cfg, load_split(cfg, "train")))
+    method.load_state_dict(state["model"])
+    return cfg, method.eval(), state
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+def raw_pixel_features(images: torch.Tensor) -> torch.Tensor:
+    return images.flatten(1).float() / 255.0
+
+
+def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], cfg: Config,
+                          out_dir: str | Path | None = None, title: str = "results", notes: Sequence[str] = ()):
+    """Run ``cfg.eval.protocols`` for several feature extractors side by side; print and save the table."""
+    from visrep.eval import extract_features, format_table, run_protocols, save_results
+
+    train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
+    xtr, ytr = eval_images(train_ds, cfg.data.image_size)
+    xte, yte = eval_images(test_ds, cfg.data.image_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feats = {}
+    for name, fn in feature_fns.items():
+        ftr, _ = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
+        fte, _ = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
+        feats[name] = (ftr, ytr, fte, yte)
+    results = run_protocols(feats, cfg.eval)
+    table = format_table(results, title=title, notes=notes)
+    print(table)
+    if out_dir is not None:
+        save_results(results, table, out_dir)
+    return results, table
+
+
+def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn", "linear", "lowshot"),
+                        out_dir: str | None = None, data_root: str | None = None, include_raw: bool = False,
+                        overrides: Sequence[str] = ()):
+    overrides = list(overrides) + [f"eval.protocols={','.join(protocols)}"]
+    if data_root:
+        overrides.append(f"data.root={data_root}")
+    fns, notes, cfg = {}, [], None
+    for p in paths:
+        c, method, state = load_trained(p, overrides)
+        cfg = cfg or c
+        name = Path(p).parent.name + f"@{state['step']}"
+        fns[name] = method.features
+        notes.append(f"{name}: {method.feature_description}")
+    if include_raw:
+        fns["raw pixels"] = raw_pixel_features
+    out_dir = out_dir or str(Path(paths[0]).parent / "eval")
+    return evaluate_feature_sets(fns, cfg, out_dir, title="evaluation", notes=notes)
+
+
+def export_checkpoint(path: str, out: str, which: str = "target_encoder") -> Path:
+    from visrep.hub import export_safetensors
+
+    cfg, method, state = load_trained(path)
+    module = getattr(method, which, None)
+    if not isinstance(module, torch.nn.Module):
+        names = [n for n, m in method.named_children()]
+        raise ValueError(f"{which!r} is not a module of {cfg.method.name}; choose one of {names}")
+    meta = {"method": cfg.method.name, "module": which, "step": state["step"], "model": cfg.to_dict()["model"],
+            "image_size": cfg.data.image_size}
+    return export_safetensors(module, out, metadata=meta)
+
+
+# -- demo --------------------------------------------------------------------------------------------
+def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | None = None,
+         overrides: Sequence[str] = ()) -> dict:
+    """Pretrain I-JEPA on Fashion-MNIST within ``minutes`` on this machine's CPUs, then compare the
+    pretrained encoder, the same encoder at random init and raw pixels on k-NN, linear and low-shot."""
+    ov = [f"train.max_minutes={minutes}", f"train.out_dir={out_dir}"] + list(overrides)
+    if data_root:
+        ov.append(f"data.root={data_root}")
+    cfg = load_config(DEMO_CONFIG, ov)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    method, result = pretrain(cfg, resume=False, fit_schedule_to_budget=True)
+    train_minutes = (time.time() - t0) / 60
+    method.eval()
+    torch.manual_seed(cfg.train.seed)
+    random_init = build_method(cfg, data_info(cfg, load_split(cfg, "train"))).eval()
+    random_init.target_encoder.load_state_dict(random_init.encoder.state_dict())
+    notes = [
+        f"I-JEPA {cfg.model.embed_dim}-d x {cfg.model.depth} ViT, patch {cfg.model.patch_size}, "
+        f"{result.step} steps x {cfg.train.batch_size} images in {train_minutes:.1f} min "
+        f"({result.images_per_sec:.0f} img/s, stopped by {result.stopped_by})",
+        f"features: {method.feature_description}; random init: same architecture, untrained; "
+        "raw pixels: the 784 pixel values in [0, 1]",
+    ]
+    results, table = evaluate_feature_sets(
+        {"pretrained": method.features, "random init": random_init.features, "raw pixels": raw_pixel_features},
+        cfg, out_dir, title="visrep demo: I-JEPA on Fashion-MNIST", notes=notes)
+    (Path(out_dir) / "train_result.json").write_text(json.dumps(
+        {"step": result.step, "stopped_by": result.stopped_by, "images_per_sec": result.images_per_sec,
+         "train_minutes": train_minutes}, indent=2))
+    return results
