@@ -46,6 +46,7 @@ class ModelConfig:
     num_registers: int = 0
     drop_path_rate: float = 0.0
     init_values: Optional[float] = None  # LayerScale (DINOv2); None: off
+    patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
 
 
 @dataclass

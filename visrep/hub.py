@@ -103,9 +103,14 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         ckpt: Any = load_file(str(path))
+        with safe_open(str(path), "pt") as f:  # our exports record the architecture
+            meta = f.metadata() or {}
+        if num_heads is None and "model" in meta:
+            num_heads = json.loads(meta["model"]).get("num_heads")
     else:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(ckpt, dict) and which in ckpt and isinstance(ckpt[which], dict):

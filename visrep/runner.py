@@ -48,14 +48,20 @@ def data_info(cfg: Config, ds) -> dict:
                 mean=mean, std=std)
 
 
-def eval_images(ds, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images at the evaluation resolution (+ labels) for in-memory datasets."""
+def eval_images(ds, image_size: int):
+    """What feature extraction iterates: ``(uint8 images, labels)`` for in-memory datasets, else the
+    dataset itself with a resize + centre-crop transform that yields uint8 images."""
     from visrep.data.transforms import batch_resize_center_crop
 
-    images, labels = ds.tensors()
-    if images.shape[-1] != image_size or images.shape[-2] != image_size:
-        images = (batch_resize_center_crop(images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
-    return images, labels
+    if hasattr(ds, "tensors"):
+        images, labels = ds.tensors()
+        if images.shape[-1] != image_size or images.shape[-2] != image_size:
+            images = (batch_resize_center_crop(images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
+        return images, labels
+    from torchvision.transforms import v2
+
+    ds.transform = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    return ds, None
 
 
 # -- pretrain ----------------------------------------------------------------------------------------
@@ -70,7 +76,10 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
             eval_ds = load_split(cfg, "test")
         except (FileNotFoundError, ValueError):
             eval_ds = None
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
+    if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):
+        train_ds.transform = method.train_transform()
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
     return method, result
@@ -107,9 +116,9 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     feats = {}
     for name, fn in feature_fns.items():
-        ftr, _ = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
-        fte, _ = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
-        feats[name] = (ftr, ytr, fte, yte)
+        ftr, ltr = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
+        fte, lte = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
+        feats[name] = (ftr, ltr, fte, lte)
     results = run_protocols(feats, cfg.eval)
     table = format_table(results, title=title, notes=notes)
     print(table)

@@ -79,7 +79,8 @@ class IJEPA(Method):
             img_size=self.image_size, patch_size=mc.patch_size, in_chans=data_info["in_chans"],
             embed_dim=mc.embed_dim, depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio,
             qkv_bias=mc.qkv_bias, pos_embed=mc.pos_embed, class_token=mc.class_token,
-            num_registers=mc.num_registers, drop_path_rate=mc.drop_path_rate, init_values=mc.init_values)
+            num_registers=mc.num_registers, drop_path_rate=mc.drop_path_rate, init_values=mc.init_values,
+            patch_init=mc.patch_init)
         self.predictor = Predictor(
             num_patches=self.encoder.grid, embed_dim=mc.embed_dim, predictor_embed_dim=m.pred_emb_dim,
             depth=m.pred_depth, num_heads=m.pred_num_heads or mc.num_heads, mlp_ratio=mc.mlp_ratio)
@@ -96,6 +97,13 @@ class IJEPA(Method):
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         return (images - self.mean.to(images.device)) / self.std.to(images.device)
+
+    def train_transform(self):
+        """Per-sample pipeline for file datasets (the DataLoader path): RandomResizedCrop only."""
+        from visrep.data.transforms import train_transform
+
+        return train_transform("ijepa", self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                               crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip)
 
     def prepare_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator):
         crops = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,

@@ -117,6 +117,7 @@ class VisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
         rescale_init: bool = True,
+        patch_init: str = "trunc_normal",
     ):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
@@ -149,6 +150,13 @@ class VisionTransformer(nn.Module):
                   drop_path=dpr[i], norm_layer=norm_layer) for i in range(depth))
         self.norm = norm_layer(embed_dim)
         self._init_weights(rescale_init)
+        if patch_init == "xavier":
+            # MAE's choice: the patch projection initialised like a Linear layer (xavier_uniform),
+            # so that image content is not drowned by the position embeddings at the start.
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        elif patch_init != "trunc_normal":
+            raise ValueError(f"patch_init must be 'trunc_normal' or 'xavier', got {patch_init!r}")
 
     # -- init ----------------------------------------------------------------------------------
     def _init_weights(self, rescale: bool) -> None:
