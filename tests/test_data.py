@@ -35,13 +35,6 @@ from visrep.data import (
 from visrep.data.transforms import TRAIN_KINDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors on a shared 2-core machine: intra-op threads only add wake-up latency.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,13 +24,6 @@ from visrep.eval import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny problems: threading only adds overhead (and thrashes on shared CPUs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def clusters(n_train_per_class=60, n_test_per_class=40, dim=16, n_cls=5, sep=8.0, seed=0, shuffle_labels=False):

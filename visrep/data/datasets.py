@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from visrep.utils import mix_seed
 import torch
 from torch.utils.data import Dataset
 
@@ -523,14 +524,7 @@ TEXTURES = ("solid", "striped", "checkered")
 _SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
 
 
-def _mix(*xs: int) -> int:
-    """A small deterministic integer hash (splitmix64 steps) to seed per-item generators."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+
 
 
 class ProceduralShapes(Dataset):
@@ -578,7 +572,7 @@ class ProceduralShapes(Dataset):
         return self.num_samples
 
     def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix(self.seed, _SPLIT_OFFSET[self.split], index))
+        return torch.Generator().manual_seed(mix_seed(self.seed, _SPLIT_OFFSET[self.split], index))
 
     def attributes(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:

@@ -325,7 +325,7 @@ class MultiBlockMaskCollator:
 
     def _sample_default(self, B: int, p_size, e_size):
         grid, nenc, npred, tries = self.grid, self.nenc, self.npred, self.max_tries
-        (eh, ew), (H, W) = e_size, grid
+        eh, ew = e_size
         if self.allow_overlap:
             pred = block_masks(*self._draw_corners((B, npred), p_size), p_size, grid)
             enc = block_masks(*self._draw_corners((B, nenc), e_size), e_size, grid)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from visrep.utils import mix_seed
 import torch
 from torch import Tensor
 
@@ -84,14 +85,7 @@ class TrainResult:
 # small helpers
 
 
-def _mix(*xs: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix64 rounds)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -312,7 +306,7 @@ class Trainer:
         while True:
             if self.in_memory:
                 for images, labels in self.memory.batches(epoch, start):
-                    g = torch.Generator().manual_seed(_mix(self.cfg.train.seed, step, self.rank))
+                    g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, step, self.rank))
                     yield _to_device(self.method.prepare_batch(images, labels, g), self.device)
                     step += 1
             else:
@@ -451,7 +445,7 @@ class Trainer:
             return []
 
         def take(data, count, offset=0):
-            g = torch.Generator().manual_seed(_mix(self.cfg.train.seed, 0x4B4E4E))
+            g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, 0x4B4E4E))
             if hasattr(data, "tensors"):
                 images, labels = data.tensors()
                 idx = torch.randperm(images.shape[0], generator=g)[offset:offset + count]

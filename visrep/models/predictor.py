@@ -23,7 +23,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .vit import _as_list, apply_masks, repeat_interleave_batch, sincos_pos_embed_2d
+from .vit import _as_list, apply_masks, init_transformer_, repeat_interleave_batch, sincos_pos_embed_2d
 
 __all__ = ["Predictor"]
 
@@ -62,18 +62,8 @@ class Predictor(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_(self, self.predictor_blocks)
         trunc_normal_(self.mask_token, std=0.02)
-        for i, blk in enumerate(self.predictor_blocks, start=1):
-            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
-            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
 
     def target_tokens(self, pos: Tensor) -> Tensor:
         """Query tokens for the target positions ``pos`` [R, K, d]: I-JEPA uses mask_token + pos."""

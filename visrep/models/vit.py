@@ -96,6 +96,22 @@ def repeat_interleave_batch(x: Tensor, batch_size: int, repeat: int) -> Tensor:
     return x.reshape(g * repeat * batch_size, *x.shape[3:])
 
 
+def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: bool = True) -> None:
+    """trunc_normal(0.02) Linear/Conv, LN (1, 0); I-JEPA's 1/sqrt(2*layer) rescale of residual outputs."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if rescale:
+        for i, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+            blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -160,24 +176,12 @@ class VisionTransformer(nn.Module):
 
     # -- init ----------------------------------------------------------------------------------
     def _init_weights(self, rescale: bool) -> None:
-        """trunc_normal(0.02) Linear/Conv, LN (1, 0); I-JEPA's 1/sqrt(2*layer) rescale of residual outputs."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer_(self, self.blocks, rescale)
         for p in (self.cls_token, self.register_tokens, self.mask_token):
             if p is not None:
                 trunc_normal_(p, std=0.02)
         if self.pos_embed_type == "learned":
             trunc_normal_(self.pos_embed, std=0.02)
-        if rescale:
-            for i, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
-                blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
 
     # -- position embeddings -------------------------------------------------------------------
     def patch_pos_embed(self, grid_h: int, grid_w: int) -> Tensor:

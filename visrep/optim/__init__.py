@@ -11,12 +11,7 @@ from .schedules import (
     schedule_horizon,
 )
 
-try:  # written separately; keep the package importable without it
-    from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
-except ImportError:  # pragma: no cover
-    _CRITICAL_NAMES: list[str] = []
-else:
-    _CRITICAL_NAMES = ["SGDC", "AdamC", "RMSpropC", "SGD_C", "Adam_C", "RMSprop_C"]
+from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
 
 __all__ = [
     "CosineWD",
@@ -30,5 +25,10 @@ __all__ = [
     "linear_momentum",
     "make_target",
     "schedule_horizon",
-    *_CRITICAL_NAMES,
+    "SGDC",
+    "AdamC",
+    "RMSpropC",
+    "SGD_C",
+    "Adam_C",
+    "RMSprop_C",
 ]
