@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .datasets import _mix
+from visrep.utils import mix_seed
 
 __all__ = [
     "dist_info", "epoch_permutation", "shard_indices", "ResumableSampler", "build_loader", "set_epoch",
@@ -121,7 +121,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, collat
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     g = torch.Generator()
-    g.manual_seed(_mix(seed, r))
+    g.manual_seed(mix_seed(seed, r))
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw["persistent_workers"] = True if persistent_workers is None else persistent_workers
@@ -210,7 +210,7 @@ class InMemoryBatches:
 
     def batch_generator(self, epoch: int, batch: int) -> torch.Generator:
         g = torch.Generator(device=self.generator_device)
-        g.manual_seed(_mix(self.seed, epoch, batch, self.rank))
+        g.manual_seed(mix_seed(self.seed, epoch, batch, self.rank))
         return g
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple]:
