@@ -7,7 +7,9 @@ encoder's tokens at ``masks`` (one index tensor per target block):
     t_j    = target_tokens(pos[masks_j])              # I-JEPA: mask_token + pos
     out_j  = proj(norm(blocks([x ; t_j])))[:, N_ctx:]  # each target block in its own sequence
 
-Output rows are ordered (target block j, context mask i, sample b), the official order. StoP
+Output rows are ordered (target block j, context mask i, sample b), the official order. The last
+block computes queries, projection and MLP only for the target tokens (``block_tail``): the
+official code computes them for the context tokens too and then discards them. StoP
 (stochastic positions) and IWM (conditioning) only change ``target_tokens`` / the sequence.
 State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
 ``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
@@ -23,7 +25,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .vit import _as_list, apply_masks, init_transformer_, repeat_interleave_batch, sincos_pos_embed_2d
+from .vit import (_as_list, apply_masks, attention_backend, block_tail, init_transformer_, repeat_interleave_batch,
+                  sincos_pos_embed_2d)
 
 __all__ = ["Predictor"]
 
@@ -42,6 +45,8 @@ class Predictor(nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"the predictor needs at least one block, got depth={depth}")
         if isinstance(num_patches, int):
             side = math.isqrt(num_patches)
             if side * side != num_patches:
@@ -79,6 +84,8 @@ class Predictor(nn.Module):
         target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, repeat=len(masks_x))
         queries = self.target_tokens(target_pos)                           # [nt*nx*B, Nt, d]
         x = torch.cat([x.repeat(len(masks), 1, 1), queries], dim=1)
-        for blk in self.predictor_blocks:
-            x = blk(x)
-        return self.predictor_proj(self.predictor_norm(x[:, n_ctx:]))
+        with attention_backend(x):
+            for blk in self.predictor_blocks[:-1]:
+                x = blk(x)
+            x = block_tail(self.predictor_blocks[-1], x, n_ctx)  # context outputs are never used
+        return self.predictor_proj(self.predictor_norm(x))

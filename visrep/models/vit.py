@@ -20,6 +20,7 @@ mlp.fc2,ls2.gamma}``, ``norm``), so official checkpoints load without renaming (
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Sequence
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch", "VIT_SIZES"]
+__all__ = ["VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch", "VIT_SIZES",
+           "attention_backend", "block_tail"]
 
 # name -> (embed_dim, depth, num_heads)   (mlp_ratio 4 unless noted; giant uses 48/11)
 VIT_SIZES = {
@@ -94,6 +97,38 @@ def repeat_interleave_batch(x: Tensor, batch_size: int, repeat: int) -> Tensor:
     g = x.size(0) // batch_size
     x = x.reshape(g, 1, batch_size, *x.shape[1:]).expand(g, repeat, batch_size, *x.shape[1:])
     return x.reshape(g * repeat * batch_size, *x.shape[3:])
+
+
+def attention_backend(x: Tensor):
+    """SDPA backend for the tensors' device. On CPU the composite "math" kernel (two matmuls and a
+    softmax) is faster than the flash kernel for ViT sequence lengths (measured in
+    benchmarks/train_throughput.py); on GPU SDPA picks flash / memory-efficient kernels itself."""
+    return sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else contextlib.nullcontext()
+
+
+def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
+    """``blk(x)[:, start:]`` without computing what is thrown away.
+
+    Keys and values come from every token, but queries, the output projection and the MLP are
+    computed only for tokens ``start:`` (e.g. the predictor's last block, whose context outputs are
+    discarded). Supports timm's ``Block`` (LayerScale, drop-path, optional qk-norm).
+    """
+    attn = blk.attn
+    if getattr(attn, "gate", None) is not None:
+        return blk(x)[:, start:]
+    B, N, _ = x.shape
+    h = blk.norm1(x)
+    d = attn.attn_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, start:], w[:d], None if b is None else b[:d])
+    kv = F.linear(h, w[d:], None if b is None else b[d:])
+    q = q.reshape(B, N - start, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k, v = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N - start, d))))
+    y = x[:, start:] + blk.drop_path1(blk.ls1(o))
+    return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
 
 
 def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: bool = True) -> None:
@@ -222,16 +257,18 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """All output tokens after the final norm: [B (x n_masks), prefix + kept patches, D]."""
-        x = self.prepare_tokens(x, idx_keep, mask)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        with attention_backend(x):
+            x = self.prepare_tokens(x, idx_keep, mask)
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """DINOv2-style output dict: normed cls / register / patch tokens and the pre-norm sequence."""
         x = self.prepare_tokens(x, mask=mask)
-        for blk in self.blocks:
-            x = blk(x)
+        with attention_backend(x):
+            for blk in self.blocks:
+                x = blk(x)
         x_norm = self.norm(x)
         c = int(self.cls_token is not None)
         return {
@@ -249,10 +286,11 @@ class VisionTransformer(nn.Module):
         take = set(range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n)
         x = self.prepare_tokens(x)
         outputs = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if i in take:
-                outputs.append(x)
+        with attention_backend(x):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x)
+                if i in take:
+                    outputs.append(x)
         if norm:
             outputs = [self.norm(o) for o in outputs]
         cls = [o[:, 0] for o in outputs]
