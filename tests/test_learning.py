@@ -5,10 +5,13 @@ pretrained one must win by a clear margin. Runs about two minutes on one CPU thr
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from conftest import needs_fmnist
+needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 STEPS = 250
 MARGIN = 2.0  # k-NN points

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401  (torch.optim.Optimizer imports it lazily: pay once at collection, not in a test)
 
-from conftest import fixtures_of_kind, load_fixture
+from parity_helpers import fixtures_of_kind, load_fixture
 from visrep.optim import critical
 
 _RENAMED = {"topC": "topc"}  # reference kwarg -> ours

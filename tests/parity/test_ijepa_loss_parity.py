@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import fixtures_of_kind, load_fixture
+from parity_helpers import fixtures_of_kind, load_fixture
 from test_vit_parity import build_ijepa_encoder
 from visrep.methods.ijepa import ijepa_loss
 from visrep.models import Predictor

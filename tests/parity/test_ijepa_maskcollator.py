@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from conftest import fixtures_of_kind, load_fixture
+from parity_helpers import fixtures_of_kind, load_fixture
 from visrep.data.masks import MultiBlockMaskCollator, masks_to_indices
 
 KIND = "ijepa_maskcollator"

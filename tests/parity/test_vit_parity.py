@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import fixtures_of_kind, load_fixture
+from parity_helpers import fixtures_of_kind, load_fixture
 from visrep.hub import dinov2_vit, ijepa_vit
 from visrep.models import Predictor, sincos_pos_embed_2d
 
