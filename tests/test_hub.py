@@ -44,3 +44,16 @@ def test_dinov2_backbone_layout_and_export_roundtrip(tmp_path):
     again = load_official(st).eval()
     with torch.no_grad():
         torch.testing.assert_close(again.forward_features(t["in.x"])["x_norm_clstoken"], out, atol=0, rtol=0)
+
+
+def test_wrong_input_shapes_are_named():
+    import pytest
+
+    from visrep.models import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\].*\(2, 3, 16, 16\)"):
+        vit(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        vit(torch.zeros(2, 1, 18, 16))
+    assert vit(torch.zeros(2, 1, 16, 16)).shape == (2, 16, 32)

@@ -238,6 +238,7 @@ class VisionTransformer(nn.Module):
     def prepare_tokens(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
                        mask: Tensor | None = None) -> Tensor:
         """Patchify, substitute masked tokens, add positions, keep ``idx_keep``, prepend prefix tokens."""
+        self._check_input(x)
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = self.patch_embed(x)                                            # [B, N, D]
         if mask is not None:
@@ -253,6 +254,13 @@ class VisionTransformer(nn.Module):
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(x.size(0), -1, -1))
         return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def _check_input(self, x: Tensor) -> None:
+        in_chans = self.patch_embed.proj.in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"expected images [B, {in_chans}, H, W], got a tensor of shape {tuple(x.shape)}")
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
 
     def forward(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
