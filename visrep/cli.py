@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visrep.engine import CheckpointError, NonFiniteLossError, ResumeError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"visrep: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, ResumeError, NonFiniteLossError) as e:
+        print(f"visrep: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("visrep: interrupted", file=sys.stderr)
         return 130

@@ -197,6 +197,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _name(a) for a in args)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -222,9 +225,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
-        if not isinstance(node.get(p, {}), dict):
+        if node.get(p) is None:  # an empty YAML section ("data:") is an empty mapping
+            node[p] = {}
+        if not isinstance(node[p], dict):
             raise ConfigError(f"cannot set '{dotted}': '{p}' is not a section")
-        node = node.setdefault(p, {})
+        node = node[p]
     node[parts[-1]] = value
 
 

@@ -102,6 +102,7 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    overrides: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -109,8 +110,11 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
         ckpt: Any = load_file(str(path))
         with safe_open(str(path), "pt") as f:  # our exports record the architecture
             meta = f.metadata() or {}
-        if num_heads is None and "model" in meta:
-            num_heads = json.loads(meta["model"]).get("num_heads")
+        arch = json.loads(meta.get("arch") or meta.get("model") or "{}")
+        if num_heads is None:
+            num_heads = arch.get("num_heads")
+        if "pos_embed" in arch:
+            overrides["pos_embed"] = arch["pos_embed"]
     else:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(ckpt, dict) and which in ckpt and isinstance(ckpt[which], dict):
@@ -126,7 +130,7 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
                           num_heads=heads).to(emb.dtype)
         model.load_state_dict(state)
         return model
-    return vit_from_state_dict(state, num_heads=num_heads)
+    return vit_from_state_dict(state, num_heads=num_heads, **overrides)
 
 
 def export_safetensors(module: nn.Module | dict[str, Tensor], path: str | os.PathLike,

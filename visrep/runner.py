@@ -21,8 +21,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ijepa" / "fashion_m
 
 
 # -- data --------------------------------------------------------------------------------------------
-def load_split(cfg: Config, split: str):
-    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download)
+def load_split(cfg: Config, split: str, transform=None):
+    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform)
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
     return ds
@@ -58,10 +58,14 @@ def eval_images(ds, image_size: int):
         if images.shape[-1] != image_size or images.shape[-2] != image_size:
             images = (batch_resize_center_crop(images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
         return images, labels
+    return ds, None
+
+
+def uint8_eval_transform(image_size: int):
+    """Resize + centre crop to uint8 (methods normalise inside ``features``)."""
     from torchvision.transforms import v2
 
-    ds.transform = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-    return ds, None
+    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
 
 # -- pretrain ----------------------------------------------------------------------------------------
@@ -73,13 +77,13 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
     eval_ds = None
     if cfg.train.online_knn:
         try:
-            eval_ds = load_split(cfg, "test")
+            eval_ds = load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size))
         except (FileNotFoundError, ValueError):
             eval_ds = None
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
-    if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):
-        train_ds.transform = method.train_transform()
+    if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):  # file datasets: per-sample transform
+        train_ds = load_split(cfg, "train", transform=method.train_transform())
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
     return method, result
@@ -95,7 +99,11 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Confi
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = build_config(tree)
-    method = build_method(cfg, data_info(cfg, load_split(cfg, "train")))
+    # what the dataset told the method, read back from the weights: no data is needed to rebuild it
+    in_chans = next(v.shape[1] for k, v in state["model"].items() if k.endswith("patch_embed.proj.weight"))
+    mean, std = dataset_stats(cfg.data.name, in_chans)
+    info = dict(in_chans=in_chans, image_size=cfg.data.image_size, num_classes=None, mean=mean, std=std)
+    method = build_method(cfg, info)
     method.load_state_dict(state["model"])
     return cfg, method.eval(), state
 
@@ -110,12 +118,16 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
     """Run ``cfg.eval.protocols`` for several feature extractors side by side; print and save the table."""
     from visrep.eval import extract_features, format_table, run_protocols, save_results
 
-    train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
+    tf = uint8_eval_transform(cfg.data.image_size)
+    train_ds, test_ds = load_split(cfg, "train", transform=tf), load_split(cfg, "test", transform=tf)
     xtr, ytr = eval_images(train_ds, cfg.data.image_size)
     xte, yte = eval_images(test_ds, cfg.data.image_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     feats = {}
     for name, fn in feature_fns.items():
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            owner.to(device)
         ftr, ltr = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
         fte, lte = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
         feats[name] = (ftr, ltr, fte, lte)
@@ -154,8 +166,11 @@ def export_checkpoint(path: str, out: str, which: str = "target_encoder") -> Pat
     if not isinstance(module, torch.nn.Module):
         names = [n for n, m in method.named_children()]
         raise ValueError(f"{which!r} is not a module of {cfg.method.name}; choose one of {names}")
+    mc = cfg.model
+    heads = getattr(cfg.method, "pred_num_heads", None) or mc.num_heads if which == "predictor" else mc.num_heads
+    arch = {"num_heads": heads, "mlp_ratio": mc.mlp_ratio, "pos_embed": mc.pos_embed, "class_token": mc.class_token}
     meta = {"method": cfg.method.name, "module": which, "step": state["step"], "model": cfg.to_dict()["model"],
-            "image_size": cfg.data.image_size}
+            "arch": arch, "image_size": cfg.data.image_size}
     return export_safetensors(module, out, metadata=meta)
 
 

@@ -712,6 +712,11 @@ def build_dataset(name: str, split: str = "train", root: str | os.PathLike | Non
                                        "or root/<split>/<class>/<image>)")
         base = Path(root)
         names = [split] + (["val", "validation", "test"] if split in ("val", "test", "validation") else [])
-        folder = next((base / s for s in names if (base / s).is_dir()), base)
+        folder = next((base / s for s in names if (base / s).is_dir()), None)
+        if folder is None:
+            folder = base
+            if split != "train":
+                warnings.warn(f"imagefolder: no {'/'.join(names)} folder under {base}; the {split} split uses "
+                              f"the same images as train (evaluation on training images)", stacklevel=2)
         return SafeImageFolder(folder, transform=transform, **kw)
     return ProceduralShapes(split=split, transform=transform, **kw)

@@ -67,12 +67,32 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
     return jepa_loss(z, h, kind), z, h
 
 
+def _check_config(cfg) -> None:
+    from visrep.config import ConfigError
+
+    mc, m = cfg.model, cfg.method
+    if mc.class_token or mc.num_registers:
+        raise ConfigError("I-JEPA predicts patch tokens only: model.class_token must be false and "
+                          "model.num_registers 0")
+    for key, dim, heads in (("model.embed_dim", mc.embed_dim, mc.num_heads),
+                            ("method.pred_emb_dim", m.pred_emb_dim, m.pred_num_heads or mc.num_heads)):
+        if dim % heads:
+            raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
+        if mc.pos_embed == "sincos" and dim % 4:
+            raise ConfigError(f"{key}={dim} must be divisible by 4 for sin-cos position embeddings")
+    if cfg.data.image_size % mc.patch_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of model.patch_size={mc.patch_size}")
+    if cfg.optim.ipe_scale < 1:
+        raise ConfigError(f"optim.ipe_scale={cfg.optim.ipe_scale} must be >= 1 (the EMA momentum would pass 1)")
+
+
 class IJEPA(Method):
     feature_description = "I-JEPA probe features: average-pooled last-layer tokens of the target encoder"
 
     def __init__(self, cfg, data_info: dict):
         super().__init__()
         m, mc = cfg.method, cfg.model
+        _check_config(cfg)
         self.cfg = m
         self.image_size = cfg.data.image_size
         self.encoder = VisionTransformer(
@@ -112,8 +132,8 @@ class IJEPA(Method):
         # seed both from ``generator`` so that each step's masks are a pure function of the step.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.mask_collator.set_step(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # CPU generator only; CUDA RNG streams stay untouched
+            torch.default_generator.manual_seed(seed)
             masks_enc, masks_pred = self.mask_collator.sample(images.size(0))
         return (self.normalize(crops), labels), masks_enc, masks_pred
 
@@ -136,7 +156,8 @@ class IJEPA(Method):
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:
         m0, m1 = self.cfg.ema
-        ema_update_(self.target_encoder, self.encoder, linear_momentum(step.step, step.total_steps, m0, m1))
+        momentum = min(m1, linear_momentum(step.step, max(1, step.total_steps), m0, m1))
+        ema_update_(self.target_encoder, self.encoder, momentum)
 
     def param_groups(self) -> list[dict]:
         return decay_groups(self.encoder, self.predictor)
