@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,14 +79,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         D.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.ddp
-def test_two_processes_equal_one_process_on_double_batch(tmp_path):
+def test_two_processes_equal_one_process_on_double_batch(tmp_path, free_port):
     from visrep.engine.trainer import train
 
     # the single process first: it also imports everything the forked children will use
@@ -99,7 +93,7 @@ def test_two_processes_equal_one_process_on_double_batch(tmp_path):
     os.makedirs(ddp_dir)
     # fork: the children reuse the imports of this process (spawn re-imports torch: ~10 s each here);
     # they train with 1 thread, so no OpenMP pool is inherited mid-use.
-    mp.start_processes(_worker, args=(2, _free_port(), ddp_dir), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port, ddp_dir), nprocs=2, join=True, start_method="fork")
 
     for rank in range(2):
         out = torch.load(os.path.join(ddp_dir, f"rank{rank}.pt"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -65,16 +64,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.ddp
-def test_ijepa_two_processes_equal_one_process_double_batch(tmp_path):
+def test_ijepa_two_processes_equal_one_process_double_batch(tmp_path, free_port):
     loss, grads = loss_and_grads(Objective(), *inputs())
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(out["loss"], loss, atol=1e-12, rtol=1e-10)
