@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import Predictor, VisionTransformer
+from .utils import atomic_path
 
 __all__ = ["load_official", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
            "export_safetensors", "strip_prefixes", "HEADS_BY_DIM"]
@@ -143,13 +143,6 @@ def export_safetensors(module: nn.Module | dict[str, Tensor], path: str | os.Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

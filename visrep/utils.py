@@ -1,6 +1,12 @@
 """Tiny helpers shared across layers."""
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
 
 def mix_seed(*xs: int) -> int:
     """A deterministic 63-bit seed from integers (splitmix64 rounds): seeds per item / step / rank."""
@@ -10,3 +16,24 @@ def mix_seed(*xs: int) -> int:
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically (and the
+    rename is fsynced), on any error it is removed, so ``path`` is never half-written or lost."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

@@ -7,15 +7,15 @@ previous checkpoint at that path is untouched.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from visrep.utils import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -43,28 +43,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"{_cause(e)} while creating the folder for {path}") from e
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
     except OSError as e:
         previous = "the previous checkpoint is intact" if path.exists() else "no previous checkpoint exists there"
         raise CheckpointError(f"{_cause(e)} while writing {path}; {previous}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path
 
 
@@ -97,22 +83,15 @@ def snapshot_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     replaced by a new file, the link keeps the old one), else a copy; never a half-written ``dst``.
     """
     src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
     try:
-        os.unlink(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        tmp = None
+        with atomic_path(dst) as tmp:
+            os.unlink(tmp)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
     except OSError as e:
         raise CheckpointError(f"{_cause(e)} while copying {src} to {dst}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return dst
 
 
