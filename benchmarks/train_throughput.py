@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"pico": (96, 6, 3), "mini": (128, 4, 4), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-         "large": (1024, 24, 16)}
+sys.path.insert(0, str(ROOT))
+from visrep.models.vit import VIT_SIZES as SIZES  # noqa: E402  (the one size table)
 
 
 def _sync(device):
@@ -56,17 +56,17 @@ def build_visrep(args, device):
     import torch
 
     from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from visrep.methods import Step
+    from visrep.methods import DataInfo, Step
     from visrep.methods.ijepa import IJEPA, IJEPAConfig
-    from visrep.optim import build_optimizer
+    from visrep.optim import build_optimizer, resolve_optim_defaults
 
     dim, depth, heads = SIZES[args.size]
     cfg = Config(method=IJEPAConfig(pred_depth=args.pred_depth, pred_emb_dim=args.pred_dim, min_keep=4),
                  data=DataConfig(image_size=args.img), model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth,
                                                                          num_heads=heads),
-                 optim=OptimConfig(), train=TrainConfig())
-    info = dict(in_chans=args.in_chans, image_size=args.img, num_classes=10, mean=(0.5,) * args.in_chans,
-                std=(0.5,) * args.in_chans)
+                 optim=resolve_optim_defaults(OptimConfig()), train=TrainConfig())
+    info = DataInfo(in_chans=args.in_chans, image_size=args.img, num_classes=10, mean=(0.5,) * args.in_chans,
+                    std=(0.5,) * args.in_chans)
     method = IJEPA(cfg, info).to(device)
     opt = build_optimizer(method.param_groups(), cfg.optim)
     if args.compile:
@@ -74,7 +74,8 @@ def build_visrep(args, device):
 
     def step(imgs, labels, masks_enc, masks_pred, i):
         info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
-        loss = method.training_step(((imgs, labels), masks_enc, masks_pred), info)["loss"]
+        batch = {"image": imgs, "label": labels, "masks_enc": masks_enc, "masks_pred": masks_pred}
+        loss = method.training_step(batch, info)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,10 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from visrep.data import datasets as ds_mod
 from visrep.data import (
-    BatchEvalTransform,
-    BatchRandomResizedCrop,
     DatasetNotFoundError,
     IDXFormatError,
     InMemoryBatches,
@@ -22,7 +19,9 @@ from visrep.data import (
     SafeImageFolder,
     TensorImageDataset,
     UnreadableImageWarning,
+    batch_normalize,
     batch_random_resized_crop,
+    batch_resize_center_crop,
     build_dataset,
     build_loader,
     dataset_stats,
@@ -32,9 +31,9 @@ from visrep.data import (
     set_epoch,
     train_transform,
 )
+from visrep.data import datasets as ds_mod
+from visrep.data import fashion_mnist as fmnist_mod
 from visrep.data.transforms import TRAIN_KINDS
-
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -94,21 +93,35 @@ def test_fashion_mnist_explicit_root(tmp_path, monkeypatch, layout, gz):
     assert ds.source == str(folder)
 
 
-def test_fashion_mnist_missing_names_all_three_options(tmp_path, monkeypatch):
+def test_fashion_mnist_missing_without_root_names_all_three_options(tmp_path, monkeypatch):
     debian = tmp_path / "not-installed"
     monkeypatch.setattr(ds_mod, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_dataset("fashion_mnist", "test")
+    msg = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "data.root" in msg and "--data-root" in msg
+    assert str(debian) in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert "data.download=true" in msg and "internet" in msg
+
+
+def test_fashion_mnist_explicit_empty_root_is_an_error(tmp_path, monkeypatch):
+    """An explicit root must hold the data: no silent fall-back on Debian's copy, even when it exists."""
+    debian = tmp_path / "debian"
+    _write_fmnist(debian, "train", n=5)
+    monkeypatch.setattr(ds_mod, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+    assert len(build_dataset("fashion_mnist", "train")) == 5  # no root: Debian's copy is used
     root = tmp_path / "my-data"
     root.mkdir()
     with pytest.raises(DatasetNotFoundError) as info:
         build_dataset("fashion_mnist", "train", root=root)
     msg = str(info.value)
-    assert isinstance(info.value, FileNotFoundError)
     assert str(root) in msg and "data.root" in msg and "--data-root" in msg
-    assert str(debian) in msg and "apt-get install dataset-fashion-mnist" in msg
-    assert "data.download=true" in msg and "internet" in msg
-    # without a root the message still names all three
-    with pytest.raises(DatasetNotFoundError, match="(?s)data.root.*apt-get install dataset-fashion-mnist.*data.download=true"):
-        build_dataset("fashion_mnist", "test")
+    assert "train-images-idx3-ubyte" in msg and "train-labels-idx1-ubyte" in msg  # the files looked for
+    assert "data.download=true" in msg and "remove data.root" in msg
+    # a root that does not exist at all: same error, naming it
+    with pytest.raises(DatasetNotFoundError, match="no-such-folder"):
+        build_dataset("fashion_mnist", "test", root=tmp_path / "no-such-folder")
 
 
 def test_fashion_mnist_download_option(tmp_path, monkeypatch):
@@ -130,8 +143,13 @@ def test_fashion_mnist_download_option(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading t10k-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(DatasetNotFoundError, match="(?s)apt-get install dataset-fashion-mnist.*Error downloading"):
+    with pytest.raises(DatasetNotFoundError, match="Error downloading") as info:
         build_dataset("fashion_mnist", "train", root=tmp_path / "dl2", download=True)
+    assert str(tmp_path / "dl2") in str(info.value) and "remove data.root" in str(info.value)
+    # without a root the failed download is listed after the Debian path
+    monkeypatch.setattr(ds_mod, "DEFAULT_DOWNLOAD_ROOT", str(tmp_path / "default"))
+    with pytest.raises(DatasetNotFoundError, match="(?s)apt-get install dataset-fashion-mnist.*Error downloading"):
+        build_dataset("fashion_mnist", "train", download=True)
 
 
 def test_truncated_idx_file_error_names_file(tmp_path, monkeypatch):
@@ -163,7 +181,7 @@ def test_corrupt_idx_files(tmp_path):
     _write_fmnist(folder, "test", n=5, gz=False)
     (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(torch.zeros(4, dtype=torch.uint8)))
     with pytest.raises(IDXFormatError, match="4 labels"):
-        ds_mod._load_fmnist_pair(folder / "t10k-images-idx3-ubyte", folder / "t10k-labels-idx1-ubyte")
+        fmnist_mod._load_fmnist_pair(folder / "t10k-images-idx3-ubyte", folder / "t10k-labels-idx1-ubyte")
 
 
 def test_cifar_without_root_or_files_is_a_clear_error(tmp_path):
@@ -294,11 +312,11 @@ def test_eval_transform():
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     x = eval_transform(32, (0.5,) * 3, (0.5,) * 3)(img)
     assert torch.allclose(x, img.float() / 255 * 2 - 1, atol=1e-6)  # native size: untouched
-    y = eval_transform(24, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875)(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8))
+    wide = torch.randint(0, 256, (5, 3, 40, 60), dtype=torch.uint8)
+    y = eval_transform(24, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875)(wide[0])
     assert y.shape == (3, 24, 24)
-    bt = BatchEvalTransform(24, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875)
-    assert bt(torch.randint(0, 256, (5, 3, 40, 60), dtype=torch.uint8)).shape == (5, 3, 24, 24)
-    same = BatchEvalTransform(32, (0.5,) * 3, (0.5,) * 3)(img[None])
+    assert batch_resize_center_crop(wide, 24, crop_pct=0.875).shape == (5, 3, 24, 24)
+    same = batch_normalize(batch_resize_center_crop(img[None], 32), (0.5,) * 3, (0.5,) * 3)
     assert torch.allclose(same[0], x, atol=1e-6)
 
 
@@ -342,7 +360,8 @@ def test_rrc_boxes_in_range():
 def test_batch_rrc_uses_no_python_loop_per_sample():
     # a large batch costs about the same number of ops as a small one: time a 2k batch quickly
     imgs = torch.randint(0, 256, (2048, 1, 28, 28), dtype=torch.uint8)
-    out = BatchRandomResizedCrop(28, hflip=True, mean=(0.286,), std=(0.353,))(imgs, torch.Generator().manual_seed(0))
+    out = batch_random_resized_crop(imgs, 28, hflip=True, mean=(0.286,), std=(0.353,),
+                                    generator=torch.Generator().manual_seed(0))
     assert out.shape == (2048, 1, 28, 28) and torch.isfinite(out).all()
 
 
@@ -386,7 +405,9 @@ def test_in_memory_batches_sharding(drop_last):
 
 def test_in_memory_batches_resume_mid_epoch():
     images, labels = _toy(40, size=12)
-    tf = BatchRandomResizedCrop(10, hflip=True)
+
+    def tf(x, generator):
+        return batch_random_resized_crop(x, 10, hflip=True, generator=generator)
 
     def make():
         return InMemoryBatches(images, labels, batch_size=6, transform=tf, seed=11)
@@ -416,8 +437,11 @@ def test_in_memory_batches_resume_mid_epoch():
 
 def test_in_memory_batches_from_dataset():
     ds = ProceduralShapes(num_samples=24, image_size=16)
-    it = InMemoryBatches.from_dataset(ds, batch_size=8, transform=BatchEvalTransform(16, (0.5,) * 3, (0.5,) * 3),
-                                      shuffle=False)
+
+    def tf(x, generator):
+        return batch_normalize(batch_resize_center_crop(x, 16), (0.5,) * 3, (0.5,) * 3)
+
+    it = InMemoryBatches.from_dataset(ds, batch_size=8, transform=tf, shuffle=False)
     x, y = next(iter(it))
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and torch.equal(y, ds.tensors()[1][:8])
 

@@ -67,7 +67,7 @@ def make_cfg(out_dir: str, batch_size: int) -> Config:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from visrep.engine import distributed as D
+    from visrep import distributed as D
     from visrep.engine.trainer import train
 
     method = Toy()

@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export an encoder as safetensors (official key names)")
     p.add_argument("checkpoint")
     p.add_argument("out", help="output .safetensors path")
-    p.add_argument("--which", default="target_encoder", help="module to export: target_encoder (default), encoder, predictor")
+    p.add_argument("--which", default=None,
+                   help="module to export (default: the method's first, e.g. I-JEPA's target_encoder; "
+                        "I-JEPA also has encoder, predictor)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="pretrain I-JEPA on Fashion-MNIST on CPU, then evaluate vs random init and raw pixels")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -51,15 +52,20 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """``null`` values are filled with the named optimizer's defaults when the config is built
+    (``visrep.optim.factory.OPTIMIZER_DEFAULTS``): adamw / sgd get the I-JEPA-style schedules
+    (warm-up 2e-4 -> 1e-3, cosine to 1e-6, weight decay 0.04 -> 0.4), the critical-gradient
+    optimizers their reference defaults (constant lr, no momentum, no weight decay)."""
+
     name: Literal["adamw", "sgd", "sgd_c", "adam_c", "rmsprop_c"] = "adamw"
-    lr: float = 1e-3                 # peak lr (scaled linearly with batch size if lr_batch_ref is set)
-    start_lr: float = 2e-4           # warmup starts here
-    final_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4  # cosine weight-decay schedule end (I-JEPA)
+    lr: Optional[float] = None       # peak lr (scaled linearly with batch size if lr_batch_ref is set)
+    start_lr: Optional[float] = None  # warmup starts here (null: the optimizer's default, else lr)
+    final_lr: Optional[float] = None
+    warmup_epochs: Optional[float] = None
+    weight_decay: Optional[float] = None
+    final_weight_decay: Optional[float] = None  # cosine weight-decay schedule end (null: constant)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
+    momentum: Optional[float] = None  # SGD / SGD_C / RMSprop_C momentum
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
     clip_grad: Optional[float] = None
@@ -262,7 +268,14 @@ def build_config(tree: dict) -> Config:
     kwargs = {"method": _build(classes[name], method_tree, "method")}
     for section in sections - {"method"}:
         kwargs[section] = _check(tree.get(section) or {}, hints[section], section)
-    return Config(**kwargs)
+    from visrep.optim.factory import resolve_optim_defaults
+
+    kwargs["optim"] = resolve_optim_defaults(kwargs["optim"])
+    cfg = Config(**kwargs)
+    from visrep.methods import METHODS
+
+    METHODS[name].method_class().validate(cfg)  # reject a bad config before any data is read
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
@@ -276,7 +289,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         tree = _merge(tree, loaded)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    new_opt = next((v for k, v in parsed if k == "optim.name"), None)
+    old_opt = (tree.get("optim") or {}).get("name", "adamw")
+    if new_opt is not None and new_opt != old_opt and tree.get("optim"):
+        # another optimizer: the recipe's settings were tuned for its own; start from the new one's
+        dropped = sorted(k for k in tree["optim"] if k != "name")
+        if dropped:
+            warnings.warn(f"optim.name={new_opt} replaces the recipe's {old_opt}: its optim settings "
+                          f"({', '.join(dropped)}) are not carried over; set them with optim.<key>=...",
+                          stacklevel=2)
+        tree["optim"] = {}
+    for key, value in parsed:
         _set_dotted(tree, key, value)
     return build_config(tree)
 

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import Predictor, VisionTransformer
+from .models import HEADS_BY_DIM, Predictor, VisionTransformer
 from .utils import atomic_path
 
-__all__ = ["load_official", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
-           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM"]
+__all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
+           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE"]
 
-# The official factories' head counts for each width (tiny .. giant; 48 is our test width).
-HEADS_BY_DIM = {96: 3, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+# classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
+REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor}
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
 
 
@@ -146,3 +146,24 @@ def export_safetensors(module: nn.Module | dict[str, Tensor], path: str | os.Pat
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
     return path
+
+
+def load_exported(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a module written by ``visrep export`` (:func:`export_safetensors` with the metadata of
+    ``Method.export_modules``) and load its weights strictly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported weights not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    cls_name, arch = meta.get("class"), json.loads(meta.get("arch") or "null")
+    if cls_name not in REBUILDABLE or not isinstance(arch, dict):
+        raise ValueError(f"{path} does not record a rebuildable architecture (metadata 'class'={cls_name!r}); "
+                         f"known classes: {', '.join(REBUILDABLE)}; for official checkpoints use load_official")
+    state = load_file(str(path))
+    module = REBUILDABLE[cls_name](**arch).to(next(iter(state.values())).dtype)
+    module.load_state_dict(state, strict=True)
+    return module

@@ -15,14 +15,15 @@ import torch
 from visrep.config import Config, build_config, load_config
 from visrep.data import build_dataset
 from visrep.data.transforms import dataset_stats
-from visrep.methods import Method, build_method
+from visrep.methods import DataInfo, Method, build_method
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ijepa" / "fashion_mnist_demo.yaml"
 
 
 # -- data --------------------------------------------------------------------------------------------
 def load_split(cfg: Config, split: str, transform=None):
-    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform)
+    kw = {"image_size": cfg.data.image_size} if cfg.data.name == "procedural" else {}  # generated at any size
+    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform, **kw)
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
     return ds
@@ -41,11 +42,13 @@ def _subset(ds, n: int):
     return torch.utils.data.Subset(ds, range(min(n, len(ds))))
 
 
-def data_info(cfg: Config, ds) -> dict:
+def data_info(cfg: Config, ds) -> DataInfo:
+    """What the training set tells the method (saved in every checkpoint)."""
     in_chans = getattr(ds, "in_chans", 3)
     mean, std = dataset_stats(cfg.data.name, in_chans)
-    return dict(in_chans=in_chans, image_size=cfg.data.image_size, num_classes=getattr(ds, "num_classes", None),
-                mean=mean, std=std)
+    classes = getattr(ds, "classes", None)
+    return DataInfo(in_chans=in_chans, image_size=cfg.data.image_size, num_classes=getattr(ds, "num_classes", None),
+                    mean=tuple(mean), std=tuple(std), classes=tuple(classes) if classes else None)
 
 
 def eval_images(ds, image_size: int):
@@ -72,7 +75,9 @@ def uint8_eval_transform(image_size: int):
 def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bool = False):
     """Pretrain ``cfg.method`` on ``cfg.data``; returns (method, TrainResult)."""
     from visrep.engine import train
+    from visrep.methods import METHODS
 
+    METHODS[cfg.method.name].method_class().validate(cfg)  # (load_config did too) before any data is read
     train_ds = load_split(cfg, "train")
     eval_ds = None
     if cfg.train.online_knn:
@@ -83,7 +88,8 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
     if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):  # file datasets: per-sample transform
-        train_ds = load_split(cfg, "train", transform=method.train_transform())
+        tf = method.sample_transform() or uint8_eval_transform(cfg.data.image_size)
+        train_ds = load_split(cfg, "train", transform=tf)
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
     return method, result
@@ -92,18 +98,17 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
 def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, Method, dict]:
     """Rebuild the method saved in a training checkpoint, weights loaded."""
     from visrep.config import _set_dotted, parse_overrides
-    from visrep.engine.checkpoint import load_checkpoint
+    from visrep.engine.checkpoint import CheckpointError, load_checkpoint
 
     state = load_checkpoint(path)
     tree = copy.deepcopy(state["config"])
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = build_config(tree)
-    # what the dataset told the method, read back from the weights: no data is needed to rebuild it
-    in_chans = next(v.shape[1] for k, v in state["model"].items() if k.endswith("patch_embed.proj.weight"))
-    mean, std = dataset_stats(cfg.data.name, in_chans)
-    info = dict(in_chans=in_chans, image_size=cfg.data.image_size, num_classes=None, mean=mean, std=std)
-    method = build_method(cfg, info)
+    if "data_info" not in state:
+        raise CheckpointError(f"{path} was written by an older visrep (no data_info); retrain or load its "
+                              "weights with visrep.hub.load_official")
+    method = build_method(cfg, DataInfo.from_dict(state["data_info"]))
     method.load_state_dict(state["model"])
     return cfg, method.eval(), state
 
@@ -126,7 +131,8 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
     feats = {}
     for name, fn in feature_fns.items():
         owner = getattr(fn, "__self__", None)
-        if isinstance(owner, torch.nn.Module):
+        if isinstance(owner, Method):
+            owner.eval_module().to(device)
             owner.to(device)
         ftr, ltr = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
         fte, lte = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
@@ -158,20 +164,20 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
     return evaluate_feature_sets(fns, cfg, out_dir, title="evaluation", notes=notes)
 
 
-def export_checkpoint(path: str, out: str, which: str = "target_encoder") -> Path:
+def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
+    """Write one of the method's exportable modules (``Method.export_modules``; default: the first)
+    as safetensors with official key names and the metadata to rebuild it (``hub.load_exported``)."""
     from visrep.hub import export_safetensors
 
     cfg, method, state = load_trained(path)
-    module = getattr(method, which, None)
-    if not isinstance(module, torch.nn.Module):
-        names = [n for n, m in method.named_children()]
-        raise ValueError(f"{which!r} is not a module of {cfg.method.name}; choose one of {names}")
-    mc = cfg.model
-    heads = getattr(cfg.method, "pred_num_heads", None) or mc.num_heads if which == "predictor" else mc.num_heads
-    arch = {"num_heads": heads, "mlp_ratio": mc.mlp_ratio, "pos_embed": mc.pos_embed, "class_token": mc.class_token}
-    meta = {"method": cfg.method.name, "module": which, "step": state["step"], "model": cfg.to_dict()["model"],
-            "arch": arch, "image_size": cfg.data.image_size}
-    return export_safetensors(module, out, metadata=meta)
+    modules = method.export_modules()
+    which = which or next(iter(modules))
+    if which not in modules:
+        raise ValueError(f"{which!r} is not an exportable module of {cfg.method.name}; choose one of {list(modules)}")
+    export = modules[which]
+    meta = {"method": cfg.method.name, "module": which, "step": state["step"], "image_size": cfg.data.image_size,
+            "data_info": method.data_info.to_dict(), **export.metadata}
+    return export_safetensors(export.module, out, metadata=meta)
 
 
 # -- demo --------------------------------------------------------------------------------------------
@@ -188,11 +194,9 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
     method, result = pretrain(cfg, resume=False, fit_schedule_to_budget=True)
     train_minutes = (time.time() - t0) / 60
     method.eval()
-    torch.manual_seed(cfg.train.seed)
-    random_init = build_method(cfg, data_info(cfg, load_split(cfg, "train"))).eval()
-    random_init.target_encoder.load_state_dict(random_init.encoder.state_dict())
+    random_init = method.random_init_baseline()
     notes = [
-        f"I-JEPA {cfg.model.embed_dim}-d x {cfg.model.depth} ViT, patch {cfg.model.patch_size}, "
+        f"{cfg.method.name} {cfg.model.embed_dim}-d x {cfg.model.depth} ViT, patch {cfg.model.patch_size}, "
         f"{result.step} steps x {cfg.train.batch_size} images in {train_minutes:.1f} min "
         f"({result.images_per_sec:.0f} img/s, stopped by {result.stopped_by})",
         f"features: {method.feature_description}; random init: same architecture, untrained; "

@@ -1,23 +1,19 @@
 """Data layer: datasets, transforms (per-sample and batched) and loaders.
 
-Masking collators live in :mod:`visrep.data.masks` (import them from there).
+Datasets live in :mod:`~visrep.data.fashion_mnist`, :mod:`~visrep.data.folders`,
+:mod:`~visrep.data.procedural` and (shared pieces, CIFAR, the :func:`build_dataset` factory)
+:mod:`~visrep.data.datasets`. Masking collators live in :mod:`visrep.data.masks` (import them from there).
 """
 from .datasets import (
     DATASET_NAMES,
     DEBIAN_FASHION_MNIST_DIR,
-    FASHION_MNIST_CLASSES,
     DatasetNotFoundError,
-    FashionMNIST,
-    IDXFormatError,
-    ProceduralShapes,
-    SafeImageFolder,
     TensorImageDataset,
-    UnreadableImageWarning,
     build_dataset,
     load_cifar,
-    load_fashion_mnist,
-    read_idx,
 )
+from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, IDXFormatError, load_fashion_mnist, read_idx
+from .folders import SafeImageFolder, UnreadableImageWarning
 from .loaders import (
     InMemoryBatches,
     ResumableSampler,
@@ -27,6 +23,7 @@ from .loaders import (
     set_epoch,
     shard_indices,
 )
+from .procedural import ProceduralShapes
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -37,8 +34,6 @@ from .transforms import (
     FASHION_MNIST_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BatchEvalTransform,
-    BatchRandomResizedCrop,
     batch_normalize,
     batch_random_resized_crop,
     batch_resize_center_crop,
@@ -55,7 +50,7 @@ __all__ = [
     "InMemoryBatches", "ResumableSampler", "build_loader", "dist_info", "epoch_permutation", "set_epoch",
     "shard_indices",
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASET_STATS", "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "BatchEvalTransform", "BatchRandomResizedCrop",
+    "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "batch_normalize", "batch_random_resized_crop", "batch_resize_center_crop", "dataset_stats",
     "eval_transform", "sample_rrc_boxes", "train_transform",
 ]

@@ -3,15 +3,15 @@
 Per-sample pipelines (:func:`train_transform`, :func:`eval_transform`) take ``uint8`` CHW tensors
 (or ``tv_tensors.Image`` / PIL) and return normalised ``float32`` tensors.
 
-The batched versions (:func:`batch_random_resized_crop`, :class:`BatchRandomResizedCrop`,
-:class:`BatchEvalTransform`) work on a whole ``[B,C,H,W]`` batch with one ``roi_align`` (or
+The batched versions (:func:`batch_random_resized_crop`, :func:`batch_resize_center_crop`,
+:func:`batch_normalize`) work on a whole ``[B,C,H,W]`` batch with one ``roi_align`` (or
 ``grid_sample``) call and no Python loop over samples: the fast path for in-memory datasets on CPU
 or GPU.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ __all__ = [
     "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD", "PROCEDURAL_MEAN", "PROCEDURAL_STD",
     "DATASET_STATS", "dataset_stats", "TRAIN_KINDS", "train_transform", "eval_transform",
     "sample_rrc_boxes", "batch_random_resized_crop", "batch_normalize", "batch_resize_center_crop",
-    "BatchRandomResizedCrop", "BatchEvalTransform",
 ]
 
 # Per-channel statistics of the training sets, images scaled to [0, 1].
@@ -215,7 +214,8 @@ def batch_random_resized_crop(images: torch.Tensor, out_size: int | tuple[int, i
     oh, ow = _pair(out_size)
     boxes = sample_rrc_boxes(B, H, W, scale, ratio, generator)
     dev = generator.device if generator is not None else torch.device("cpu")
-    flips = (torch.rand(B, generator=generator, device=dev) < 0.5) if hflip else torch.zeros(B, dtype=torch.bool, device=dev)
+    flips = (torch.rand(B, generator=generator, device=dev) < 0.5 if hflip
+             else torch.zeros(B, dtype=torch.bool, device=dev))
     boxes_d = boxes.to(images.device)
     x = images.to(torch.float32) / 255.0 if not images.is_floating_point() else images.float()
     if B == 0:
@@ -267,38 +267,3 @@ def batch_resize_center_crop(images: torch.Tensor, out_size: int | tuple[int, in
             raise ValueError(f"cannot centre-crop {oh}x{ow} from {H}x{W}")
         x = x[..., top:top + oh, left:left + ow]
     return x
-
-
-class BatchRandomResizedCrop:
-    """Callable ``(images [B,C,H,W], generator) -> float [B,C,out,out]``; see
-    :func:`batch_random_resized_crop`. The batch transform of :class:`~visrep.data.loaders.InMemoryBatches`."""
-
-    def __init__(self, out_size, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = False,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 backend: str = "roi_align"):
-        self.out_size, self.scale, self.ratio, self.hflip = out_size, tuple(scale), tuple(ratio), hflip
-        self.mean, self.std, self.backend = mean, std, backend
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return batch_random_resized_crop(images, self.out_size, self.scale, self.ratio, generator,
-                                         hflip=self.hflip, mean=self.mean, std=self.std, backend=self.backend)
-
-    def __repr__(self) -> str:
-        return (f"BatchRandomResizedCrop(out_size={self.out_size}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip}, backend={self.backend!r})")
-
-
-class BatchEvalTransform:
-    """Callable ``(images [B,C,H,W], generator=None) -> float [B,C,out,out]``: resize + centre crop
-    (only when the size differs) + normalise, for evaluation on in-memory data."""
-
-    def __init__(self, out_size, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 crop_pct: float = 1.0):
-        self.out_size, self.mean, self.std, self.crop_pct = out_size, mean, std, crop_pct
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = batch_resize_center_crop(images, self.out_size, self.crop_pct)
-        return batch_normalize(x, self.mean, self.std)
-
-    def __repr__(self) -> str:
-        return f"BatchEvalTransform(out_size={self.out_size}, crop_pct={self.crop_pct})"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +68,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a visrep checkpoint ({type(e).__name__}: {e}); "
-            "it may be truncated - try an older step_N.pt"
+            "it may be truncated"
         ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
 
-def snapshot_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Keep a copy of ``src`` (e.g. ``last.pt``) as ``dst`` (e.g. ``step_1000.pt``), atomically.
-
-    Uses a hard link when the file system allows (no extra space or time: ``last.pt`` is later
-    replaced by a new file, the link keeps the old one), else a copy; never a half-written ``dst``.
-    """
-    src, dst = Path(src), Path(dst)
-    try:
-        with atomic_path(dst) as tmp:
-            os.unlink(tmp)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-    except OSError as e:
-        raise CheckpointError(f"{_cause(e)} while copying {src} to {dst}") from e
-    return dst
-
-
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "snapshot_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .base import Method, Step, decay_groups
+from .base import DataInfo, Export, Method, Step, StreamSpec, decay_groups, module_metadata
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,12 @@ METHODS: dict[str, MethodEntry] = {
 }
 
 
-def build_method(cfg, data_info: dict) -> Method:
-    """Instantiate the method named by ``cfg.method.name``.
-
-    ``data_info`` carries what the dataset knows: ``in_chans``, ``image_size``, ``num_classes``,
-    ``mean``, ``std``.
-    """
+def build_method(cfg, data_info: DataInfo | dict) -> Method:
+    """Instantiate the method named by ``cfg.method.name`` for data described by ``data_info``."""
+    if not isinstance(data_info, DataInfo):
+        data_info = DataInfo.from_dict(data_info)
     return METHODS[cfg.method.name].method_class()(cfg, data_info)
 
 
-__all__ = ["METHODS", "Method", "MethodEntry", "Step", "build_method", "decay_groups"]
+__all__ = ["METHODS", "DataInfo", "Export", "Method", "MethodEntry", "Step", "StreamSpec", "build_method",
+           "decay_groups", "module_metadata"]

@@ -1,16 +1,46 @@
-"""The one abstraction every method shares.
+"""The Method contract: the one abstraction every method shares.
 
 A method is an ``nn.Module`` that owns everything method-specific (EMA teachers, predictors,
-prototypes, centres) and exposes a handful of hooks. The engine only calls these hooks, so adding a
-method never touches the engine.
+prototypes, centres, a text tower) and answers the engine's and the runner's questions through the
+hooks below. Neither the engine nor the runner ever names a method or one of its attributes, so a
+new method is one file in ``methods/`` plus a line in ``METHODS`` (and its recipes in ``configs/``).
+
+Life of a method (who calls what)::
+
+    load_config(path, overrides)  -> Method.validate(cfg)               # before any data is read
+    runner: info = DataInfo.of(dataset); method = cls(cfg, info)        # info is saved in checkpoints
+    trainer: for each step s (seeded per (seed, s, rank); exact on resume):
+        batch = {"image", "label", "index", ["caption"], <stream>: {...}}     # streams()
+        batch = method.prepare_batch(batch, generator)                      # views, masks
+        out   = method(batch, Step)  -> training_step                       # {"loss", logs...}
+        out["loss"].backward(); finite check
+        method.before_optimizer_step(Step)                                  # cancel grads, clip parts
+        optimizer.step()  (param_groups(): lr_scale, wd_scale, freeze_until, wd_exclude)
+        method.after_optimizer_step(Step)                                   # EMA, centres, queues
+    runner / eval: method.features(images)  [N, feature_dim]; eval_module(); export_modules();
+                   random_init_baseline(); optional sample(n, labels) and encode_text(texts)
+
+Batches are dicts. On the in-memory path ``image`` is the raw ``uint8 [B, C, H, W]`` tensor; on the
+file (DataLoader) path it is whatever :meth:`Method.sample_transform` returned per sample, stacked.
+``label`` (int64, -1 when unknown) and ``index`` (dataset indices) are always present, ``caption``
+(a list of each image's captions) when the dataset has captions. Extra streams declared by
+:meth:`Method.streams` arrive as nested dicts under their names (e.g. ``batch["supports"]``).
+
+Every persistent state lives in the module's ``state_dict`` (parameters and buffers), so checkpoints
+and resume need no method-specific code. Collectives come from :mod:`visrep.distributed` and take an
+explicit process group. ``tests/test_contract.py`` runs every registered method through the same
+checks (finite loss, exact resume, 2 processes == 1 process on the doubled batch, export round trip,
+feature shape).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
+
+from visrep.optim.groups import decay_groups
 
 
 @dataclass
@@ -18,7 +48,7 @@ class Step:
     """Where training is: handed to every hook.
 
     ``step`` counts optimizer steps already taken (0 for the first batch); ``total_steps`` is the
-    length of the whole schedule; ``lr``/``wd`` are the current schedule values.
+    schedule horizon (``ipe_scale x`` the run length); ``lr``/``wd`` are the schedules' values.
     """
 
     step: int
@@ -33,65 +63,157 @@ class Step:
         return self.step / max(1, self.total_steps)
 
 
+@dataclass(frozen=True)
+class DataInfo:
+    """What the training data tells a method, saved in every checkpoint (no data needed to rebuild)."""
+
+    in_chans: int
+    image_size: int
+    num_classes: int | None = None
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    classes: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataInfo":
+        d = dict(d)
+        for k in ("mean", "std", "classes"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A data stream a method consumes each step, besides (or as) the main one.
+
+    ``sampler="epoch"``: the shuffled, sharded epoch order (the main stream). ``"class_balanced"``:
+    each step ``classes`` classes (None: all) x ``per_class`` images, drawn from a labelled subset
+    (``labels_per_class`` images per class, or a ``label_fraction`` of each class; None: every
+    labelled image), chosen once from ``seed``; each process draws its own images (seeded by seed,
+    stream, step and rank), so a resumed run gets the same supports. ``batch_size=None``: the run's
+    ``train.batch_size`` (main stream only). ``captions=True`` adds each image's captions.
+    """
+
+    sampler: Literal["epoch", "class_balanced"] = "epoch"
+    captions: bool = False
+    batch_size: int | None = None
+    classes: int | None = None
+    per_class: int = 1
+    labels_per_class: int | None = None
+    label_fraction: float | None = None
+
+
+@dataclass
+class Export:
+    """A module to export and the metadata needed to rebuild it (``visrep.hub.load_exported``)."""
+
+    module: nn.Module
+    metadata: dict = field(default_factory=dict)
+
+
 class Method(nn.Module):
-    """Base class: hooks with sensible defaults; subclasses implement ``training_step``."""
-
-    encoder: nn.Module
-
-    def train_transform(self) -> Callable | None:
-        """Per-sample transform for the training dataset (None: the method transforms batches)."""
-        return None
-
-    def batch_transform(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Transform a whole uint8/float batch at once (fast in-memory path). Default: identity."""
-        return images
-
-    def collate(self) -> Callable | None:
-        """A collate function (e.g. I-JEPA block masks); None for the default."""
-        return None
-
-    def prepare_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Any:
-        """Fast in-memory path: turn a raw uint8 batch into what ``training_step`` takes.
-
-        Must draw all randomness from ``generator`` (the engine seeds it per step and rank, which
-        makes resumed runs exact). Default: ``(batch_transform(images), labels)``.
-        """
-        return self.batch_transform(images, generator), labels
-
-    def forward(self, batch: Any, step: Step) -> dict[str, Tensor]:
-        # DDP hooks forward(); the engine calls the (possibly wrapped) module, which lands here.
-        return self.training_step(batch, step)
-
-    def training_step(self, batch: Any, step: Step) -> dict[str, Tensor]:
-        """Return ``{"loss": scalar, ...}``; extra entries are logged (detached)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: Step) -> None:
-        """Called after every optimizer step (EMA updates, centre updates, ...)."""
-
-    def param_groups(self) -> list[dict]:
-        """Parameter groups for the optimizer. Default: weight decay on >=2-D weights only."""
-        return decay_groups(self)
-
-    def features(self, images: Tensor) -> Tensor:
-        """Frozen features for evaluation ([N, D]); default: the encoder's pooled output."""
-        return self.encoder(images)
+    """Base class: hooks with sensible defaults. A subclass implements ``__init__(cfg, data_info)``
+    (calling ``super().__init__(cfg, data_info)``), ``training_step`` and usually ``prepare_batch``,
+    ``after_optimizer_step`` and ``features``."""
 
     feature_description: str = "encoder output"
 
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__()
+        self.run_cfg = cfg
+        self.data_info = data_info if isinstance(data_info, DataInfo) else DataInfo.from_dict(data_info)
 
-def decay_groups(*modules: nn.Module, **extra) -> list[dict]:
-    """Two groups: weights with decay, biases/norms/1-D params/tokens without (``WD_exclude``)."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    groups = [dict(params=decay, **extra), dict(params=no_decay, weight_decay=0.0, wd_exclude=True, **extra)]
-    return [g for g in groups if g["params"]]
+    # -- set-up ----------------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Reject a bad configuration (raise ``ConfigError`` naming the key) before any data is read."""
+
+    def streams(self) -> dict[str, StreamSpec]:
+        """The data streams of each step: ``"main"`` plus e.g. PAWS ``"supports"``."""
+        return {"main": StreamSpec()}
+
+    def sample_transform(self) -> Callable | None:
+        """Per-sample transform for file datasets (DataLoader path); None: the default resize + crop
+        to ``uint8`` at ``data_info.image_size`` so that ``prepare_batch`` sees raw images."""
+        return None
+
+    # -- training --------------------------------------------------------------------------------
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """Views, masks, crops for one batch. All randomness must come from ``generator`` (seeded per
+        step and process by the engine, which makes resumed runs exact). Default: unchanged."""
+        return batch
+
+    def forward(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        # DDP hooks forward(); the engine calls the (possibly wrapped) module, which lands here.
+        return self.training_step(batch, step)
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        """Return ``{"loss": scalar, ...}``; the other entries are logged (detached)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups. Keys besides ``params``: ``lr_scale``, ``wd_scale``, ``freeze_until``
+        (lr 0 before that step), ``wd_exclude`` (see :mod:`visrep.optim.groups`)."""
+        return decay_groups(self)
+
+    def before_optimizer_step(self, step: Step) -> None:
+        """After backward and the finite check, before clipping and the optimizer step."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        """After every optimizer step (EMA updates, centre updates, queues)."""
+
+    def ddp_options(self) -> dict[str, Any]:
+        """Extra ``DistributedDataParallel`` keywords, e.g. ``find_unused_parameters=True``."""
+        return {}
+
+    # -- capabilities the runner asks for --------------------------------------------------------
+    def eval_module(self) -> nn.Module:
+        """The module features come from (moved to the evaluation device)."""
+        return self.encoder
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`features`."""
+        return self.eval_module().embed_dim
+
+    def features(self, images: Tensor) -> Tensor:
+        """Frozen probe features ``[N, feature_dim]`` of raw ``uint8`` (or float [0, 1]) images."""
+        raise NotImplementedError
+
+    def export_modules(self) -> dict[str, Export]:
+        """Modules ``visrep export`` can write (the first is the default), with rebuild metadata."""
+        return {"encoder": Export(self.eval_module(), module_metadata(self.eval_module()))}
+
+    def random_init_baseline(self) -> "Method":
+        """The same architecture, untrained (seeded by ``train.seed``), for side-by-side evaluation."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.run_cfg.train.seed)
+            return type(self)(self.run_cfg, self.data_info).eval()
+
+    def can(self, capability: str) -> bool:
+        """Whether the optional ``capability`` (``"sample"``, ``"encode_text"``) is implemented."""
+        return getattr(type(self), capability, None) is not getattr(Method, capability, None)
+
+    def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Generators only: ``n`` images ``uint8 [n, C, H, W]`` (FID)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a generative model")
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Vision-language methods only: text embeddings (zero-shot, retrieval)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+
+def module_metadata(module: nn.Module) -> dict:
+    """Rebuild metadata of a module that records its constructor arguments (``module.arch``)."""
+    arch = getattr(module, "arch", None)
+    if arch is None:
+        raise TypeError(f"{type(module).__name__} does not record its architecture (an ``arch`` dict)")
+    return {"class": type(module).__name__, "arch": dict(arch)}
+
+
+__all__ = ["DataInfo", "Export", "Method", "Step", "StreamSpec", "decay_groups", "module_metadata"]

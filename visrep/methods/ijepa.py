@@ -18,6 +18,13 @@ paper's), no augmentation but RandomResizedCrop(0.3, 1), per-batch block sizes. 
 ``mask_mode=official`` reproduces the reference masks (which may overlap / may hang on small grids);
 the default never overlaps and always terminates. Probe features (``features``) are the paper's:
 average-pooled last-layer tokens of the target encoder.
+
+Initialisation as the official training path (``src/helper.py:init_model``): every ``nn.Linear`` of
+encoder and predictor is re-drawn from trunc_normal(0.02) after construction, which undoes the
+per-layer 1/sqrt(2 * layer) rescale of ``attn.proj`` / ``mlp.fc2``; ``method.rescale_init=true``
+keeps that rescale (the model classes' own init). The predictor's MLP ratio is 4 whatever the
+encoder's. Weight decay as ``init_opt``: every parameter except names containing ``bias`` and 1-D
+tensors (so the predictor's ``mask_token`` is decayed).
 """
 from __future__ import annotations
 
@@ -25,16 +32,18 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from torch import Tensor
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
 
 from visrep.data.masks import MultiBlockMaskCollator
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.losses import jepa_loss, normalized_targets
-from visrep.models import Predictor, VisionTransformer, apply_masks, repeat_interleave_batch
+from visrep.models import Normalize, Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.optim.ema import ema_update_, make_target
+from visrep.optim.groups import decay_groups, no_decay_official_jepa
 from visrep.optim.schedules import linear_momentum
 
-from .base import Method, Step, decay_groups
+from .base import DataInfo, Export, Method, Step, module_metadata
 
 
 @dataclass
@@ -55,6 +64,7 @@ class IJEPAConfig:
     mask_mode: Literal["default", "official"] = "default"
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: bool = False
+    rescale_init: bool = False                 # official: False (Linear layers re-drawn, see above)
 
 
 def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list[Tensor],
@@ -67,67 +77,78 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
     return jepa_loss(z, h, kind), z, h
 
 
-def _check_config(cfg) -> None:
-    from visrep.config import ConfigError
-
-    mc, m = cfg.model, cfg.method
-    if mc.class_token or mc.num_registers:
-        raise ConfigError("I-JEPA predicts patch tokens only: model.class_token must be false and "
-                          "model.num_registers 0")
-    for key, dim, heads in (("model.embed_dim", mc.embed_dim, mc.num_heads),
-                            ("method.pred_emb_dim", m.pred_emb_dim, m.pred_num_heads or mc.num_heads)):
-        if dim % heads:
-            raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
-        if mc.pos_embed == "sincos" and dim % 4:
-            raise ConfigError(f"{key}={dim} must be divisible by 4 for sin-cos position embeddings")
-    if cfg.data.image_size % mc.patch_size:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of model.patch_size={mc.patch_size}")
-    if cfg.optim.ipe_scale < 1:
-        raise ConfigError(f"optim.ipe_scale={cfg.optim.ipe_scale} must be >= 1 (the EMA momentum would pass 1)")
+def redraw_linear_(*modules: nn.Module) -> None:
+    """Official ``init_model``: trunc_normal(0.02) for every ``nn.Linear`` weight, zero bias."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 class IJEPA(Method):
     feature_description = "I-JEPA probe features: average-pooled last-layer tokens of the target encoder"
 
-    def __init__(self, cfg, data_info: dict):
-        super().__init__()
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        mc, m = cfg.model, cfg.method
+        if mc.class_token or mc.num_registers:
+            raise ConfigError("I-JEPA predicts patch tokens only: model.class_token must be false and "
+                              "model.num_registers 0")
+        for key, dim, heads in (("model.embed_dim", mc.embed_dim, mc.num_heads),
+                                ("method.pred_emb_dim", m.pred_emb_dim, m.pred_num_heads or mc.num_heads)):
+            if dim % heads:
+                raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
+            if mc.pos_embed == "sincos" and dim % 4:
+                raise ConfigError(f"{key}={dim} must be divisible by 4 for sin-cos position embeddings")
+        if cfg.data.image_size % mc.patch_size:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
+                              f"model.patch_size={mc.patch_size}")
+        if cfg.optim.ipe_scale < 1:
+            raise ConfigError(f"optim.ipe_scale={cfg.optim.ipe_scale} must be >= 1 (the EMA momentum would pass 1)")
+        try:  # the mask generator checks the grid against the block sizes
+            MultiBlockMaskCollator(input_size=cfg.data.image_size, patch_size=mc.patch_size,
+                                   enc_mask_scale=m.enc_mask_scale, pred_mask_scale=m.pred_mask_scale,
+                                   aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks, npred=m.num_pred_masks,
+                                   min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
+        except ValueError as e:
+            raise ConfigError(f"method (masks): {e}") from None
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model
-        _check_config(cfg)
         self.cfg = m
         self.image_size = cfg.data.image_size
-        self.encoder = VisionTransformer(
-            img_size=self.image_size, patch_size=mc.patch_size, in_chans=data_info["in_chans"],
-            embed_dim=mc.embed_dim, depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio,
-            qkv_bias=mc.qkv_bias, pos_embed=mc.pos_embed, class_token=mc.class_token,
-            num_registers=mc.num_registers, drop_path_rate=mc.drop_path_rate, init_values=mc.init_values,
-            patch_init=mc.patch_init)
+        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
+        self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=m.rescale_init)
         self.predictor = Predictor(
             num_patches=self.encoder.grid, embed_dim=mc.embed_dim, predictor_embed_dim=m.pred_emb_dim,
-            depth=m.pred_depth, num_heads=m.pred_num_heads or mc.num_heads, mlp_ratio=mc.mlp_ratio)
+            depth=m.pred_depth, num_heads=m.pred_num_heads or mc.num_heads, mlp_ratio=4.0,
+            rescale_init=m.rescale_init)
+        if not m.rescale_init:
+            redraw_linear_(self.encoder, self.predictor)
         self.target_encoder = make_target(self.encoder)
-        self.register_buffer("mean", torch.tensor(data_info["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_info["std"]).view(1, -1, 1, 1), persistent=False)
         self.mask_collator = MultiBlockMaskCollator(
             input_size=self.image_size, patch_size=mc.patch_size, enc_mask_scale=m.enc_mask_scale,
             pred_mask_scale=m.pred_mask_scale, aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks,
             npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
 
     # -- data ------------------------------------------------------------------------------------
-    def normalize(self, images: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        return (images - self.mean.to(images.device)) / self.std.to(images.device)
-
-    def train_transform(self):
+    def sample_transform(self):
         """Per-sample pipeline for file datasets (the DataLoader path): RandomResizedCrop only."""
         from visrep.data.transforms import train_transform
 
-        return train_transform("ijepa", self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+        return train_transform("ijepa", self.image_size, self.data_info.mean, self.data_info.std,
                                crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip)
 
-    def prepare_batch(self, images: Tensor, labels: Tensor, generator: torch.Generator):
-        crops = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
-                                          generator=generator, hflip=self.cfg.hflip)
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        images = batch["image"]
+        if images.dtype == torch.uint8:  # in-memory path: raw images, crop the whole batch at once
+            images = self.normalize(batch_random_resized_crop(
+                images, self.image_size, scale=self.cfg.crop_scale, generator=generator, hflip=self.cfg.hflip))
         # The collator draws block sizes from its step counter and positions from the global RNG:
         # seed both from ``generator`` so that each step's masks are a pure function of the step.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -135,20 +156,16 @@ class IJEPA(Method):
         with torch.random.fork_rng(devices=[]):  # CPU generator only; CUDA RNG streams stay untouched
             torch.default_generator.manual_seed(seed)
             masks_enc, masks_pred = self.mask_collator.sample(images.size(0))
-        return (self.normalize(crops), labels), masks_enc, masks_pred
-
-    def collate(self):
-        return self.mask_collator
+        return {**batch, "image": images, "masks_enc": masks_enc, "masks_pred": masks_pred}
 
     # -- training --------------------------------------------------------------------------------
-    def training_step(self, batch, step: Step) -> dict[str, Tensor]:
-        (imgs, _), masks_enc, masks_pred = batch
-        device = self.mean.device
-        imgs = imgs.to(device, non_blocking=True)
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        device = self.normalize.mean.device
+        imgs = batch["image"].to(device, non_blocking=True)
         if imgs.dtype == torch.uint8:
             imgs = self.normalize(imgs)
-        masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
-        masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
+        masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
+        masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
         loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, imgs, masks_enc,
                                 masks_pred, self.cfg.loss)
         return {"loss": loss}
@@ -160,10 +177,16 @@ class IJEPA(Method):
         ema_update_(self.target_encoder, self.encoder, momentum)
 
     def param_groups(self) -> list[dict]:
-        return decay_groups(self.encoder, self.predictor)
+        return decay_groups(self.encoder, self.predictor, no_decay=no_decay_official_jepa)
 
-    # -- evaluation ------------------------------------------------------------------------------
+    # -- evaluation and export -------------------------------------------------------------------
+    def eval_module(self) -> nn.Module:
+        return self.target_encoder
+
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        x = self.normalize(images.to(self.mean.device))
-        return self.target_encoder.pooled(x, pool="avg")
+        return self.target_encoder.pooled(self.normalize(images), pool="avg")
+
+    def export_modules(self) -> dict[str, Export]:
+        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+                for name in ("target_encoder", "encoder", "predictor")}

@@ -1,4 +1,14 @@
 from .predictor import Predictor
-from .vit import VIT_SIZES, VisionTransformer, apply_masks, repeat_interleave_batch, sincos_pos_embed_2d
+from .vit import (
+    HEADS_BY_DIM,
+    VIT_SIZES,
+    Normalize,
+    VisionTransformer,
+    apply_masks,
+    repeat_interleave_batch,
+    sincos_pos_embed_2d,
+    vit_from_config,
+)
 
-__all__ = ["Predictor", "VisionTransformer", "VIT_SIZES", "apply_masks", "repeat_interleave_batch", "sincos_pos_embed_2d"]
+__all__ = ["HEADS_BY_DIM", "Normalize", "Predictor", "VisionTransformer", "VIT_SIZES", "apply_masks",
+           "repeat_interleave_batch", "sincos_pos_embed_2d", "vit_from_config"]

@@ -43,8 +43,13 @@ class Predictor(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
+        rescale_init: bool = True,
     ):
         super().__init__()
+        self.arch = dict(num_patches=list(num_patches) if not isinstance(num_patches, int) else num_patches,
+                         embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_eps=norm_eps,
+                         rescale_init=rescale_init)
         if depth < 1:
             raise ValueError(f"the predictor needs at least one block, got depth={depth}")
         if isinstance(num_patches, int):
@@ -64,10 +69,10 @@ class Predictor(nn.Module):
                   norm_layer=norm_layer) for i in range(depth))
         self.predictor_norm = norm_layer(predictor_embed_dim)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
-        self._init_weights()
+        self._init_weights(rescale_init)
 
-    def _init_weights(self) -> None:
-        init_transformer_(self, self.predictor_blocks)
+    def _init_weights(self, rescale: bool) -> None:
+        init_transformer_(self, self.predictor_blocks, rescale)
         trunc_normal_(self.mask_token, std=0.02)
 
     def target_tokens(self, pos: Tensor) -> Tensor:

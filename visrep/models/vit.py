@@ -33,18 +33,23 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch", "VIT_SIZES",
-           "attention_backend", "block_tail"]
+           "HEADS_BY_DIM", "attention_backend", "block_tail", "vit_from_config", "Normalize"]
 
-# name -> (embed_dim, depth, num_heads)   (mlp_ratio 4 unless noted; giant uses 48/11)
+# The one size table: name -> (embed_dim, depth, num_heads) of the official factories (I-JEPA's
+# vit_giant is 1408-d with mlp_ratio 48/11; DINOv2's vit_giant2 is 1536-d with 24 heads).
 VIT_SIZES = {
     "pico": (96, 6, 3),
+    "mini": (128, 4, 4),
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
     "giant": (1408, 40, 16),
+    "giant2": (1536, 40, 24),
 }
+# head count of each official width (used to rebuild a ViT from a checkpoint's tensor shapes)
+HEADS_BY_DIM = {dim: heads for name, (dim, _, heads) in VIT_SIZES.items() if name != "mini"}
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool = False,
@@ -171,6 +176,13 @@ class VisionTransformer(nn.Module):
         patch_init: str = "trunc_normal",
     ):
         super().__init__()
+        # constructor arguments, enough to rebuild this module (exports, ``visrep.hub.load_exported``)
+        self.arch = dict(img_size=list(img_size) if not isinstance(img_size, int) else img_size,
+                         patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, pos_embed=pos_embed,
+                         class_token=class_token, num_registers=num_registers, mask_token=mask_token,
+                         init_values=init_values, norm_eps=norm_eps, interpolate_offset=interpolate_offset,
+                         interpolate_antialias=interpolate_antialias)
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -316,8 +328,32 @@ class VisionTransformer(nn.Module):
             return tokens[:, 0]
         return tokens[:, self.num_prefix:].mean(dim=1)
 
-    @classmethod
-    def from_size(cls, size: str, **kwargs) -> "VisionTransformer":
-        dim, depth, heads = VIT_SIZES[size]
-        kwargs.setdefault("mlp_ratio", 48 / 11 if size == "giant" else 4.0)
-        return cls(embed_dim=dim, depth=depth, num_heads=heads, **kwargs)
+
+def vit_from_config(model_cfg, in_chans: int, image_size: int, **overrides) -> VisionTransformer:
+    """The ViT a ``model:`` config section describes (``visrep.config.ModelConfig``), for
+    ``in_chans`` x ``image_size`` inputs; ``overrides`` replace constructor arguments."""
+    mc = model_cfg
+    kwargs = dict(img_size=image_size, patch_size=mc.patch_size, in_chans=in_chans, embed_dim=mc.embed_dim,
+                  depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio, qkv_bias=mc.qkv_bias,
+                  pos_embed=mc.pos_embed, class_token=mc.class_token, num_registers=mc.num_registers,
+                  drop_path_rate=mc.drop_path_rate, init_values=mc.init_values, patch_init=mc.patch_init)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+class Normalize(nn.Module):
+    """``uint8`` (or float in [0, 1]) images -> ``(x - mean) / std`` in float32 (or the given dtype).
+
+    Mean and std are non-persistent buffers: they come from the data (``DataInfo``), not the weights.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        images = images.to(self.mean.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)

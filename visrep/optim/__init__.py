@@ -1,6 +1,7 @@
 """Optimizers, schedules and EMA helpers."""
 from .ema import ema_update_, make_target
-from .factory import apply_schedules, build_optimizer
+from .factory import OPTIMIZER_DEFAULTS, apply_schedules, build_optimizer, resolve_optim_defaults
+from .groups import decay_groups, no_decay_default, no_decay_official_jepa
 from .schedules import (
     CosineWD,
     WarmupCosine,
@@ -14,6 +15,11 @@ from .schedules import (
 from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
 
 __all__ = [
+    "OPTIMIZER_DEFAULTS",
+    "decay_groups",
+    "no_decay_default",
+    "no_decay_official_jepa",
+    "resolve_optim_defaults",
     "CosineWD",
     "WarmupCosine",
     "apply_schedules",

@@ -1,10 +1,8 @@
 """Build the optimizer named by ``optim.name`` from a method's parameter groups.
 
 Parameter groups are plain dicts (``{"params": [...], ...}``) as returned by
-``Method.param_groups()``. Two extra keys are understood (torch keeps unknown group keys):
-
-* ``wd_exclude=True``: weight decay is forced to 0 and never scheduled (biases, norms, tokens);
-* ``lr_scale``: the group's lr is ``lr_scale`` times the scheduled lr (default 1).
+``Method.param_groups()``; the schedule keys they may carry (``lr_scale``, ``wd_scale``,
+``wd_exclude``, ``freeze_until``) are described in :mod:`visrep.optim.groups`.
 
 The trainer rewrites ``lr`` and ``weight_decay`` of every group at every step from the schedules
 (see :func:`apply_schedules`); the values given here are only the starting point.
@@ -17,6 +15,34 @@ import torch
 
 _CRITICAL = {"sgd_c": "SGDC", "adam_c": "AdamC", "rmsprop_c": "RMSpropC"}
 
+# What ``optim.<key>: null`` (the default) means for each optimizer. adamw / sgd: the I-JEPA-style
+# warm-up + cosine lr and cosine weight decay. The critical-gradient optimizers: the reference
+# code's constructor defaults (chandar-lab/CriticalGradientOptimization ``optimizers/optim.py``):
+# a constant lr, no momentum, no weight decay -- nothing inherited from a recipe for another optimizer.
+_SCHEDULED = dict(start_lr=2e-4, final_lr=1e-6, warmup_epochs=1.0, weight_decay=0.04, final_weight_decay=0.4)
+_CONSTANT = dict(start_lr=None, final_lr=None, warmup_epochs=0.0, weight_decay=0.0, final_weight_decay=None)
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": dict(lr=1e-3, momentum=0.0, **_SCHEDULED),
+    "sgd": dict(lr=1e-3, momentum=0.9, **_SCHEDULED),
+    "sgd_c": dict(lr=1e-3, momentum=0.0, **_CONSTANT),
+    "adam_c": dict(lr=1e-3, momentum=0.0, **_CONSTANT),
+    "rmsprop_c": dict(lr=1e-2, momentum=0.0, **_CONSTANT),
+}
+
+
+def resolve_optim_defaults(cfg):
+    """Fill every ``None`` field of an OptimConfig with the named optimizer's default
+    (:data:`OPTIMIZER_DEFAULTS`); ``start_lr`` / ``final_lr`` default to ``lr`` and
+    ``final_weight_decay`` to ``weight_decay`` (constant schedules) when the optimizer has none."""
+    import dataclasses
+
+    if cfg.name not in OPTIMIZER_DEFAULTS:
+        raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}; allowed: {', '.join(OPTIMIZER_DEFAULTS)}")
+    values = {k: v for k, v in OPTIMIZER_DEFAULTS[cfg.name].items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **values)
+    chained = {"start_lr": cfg.lr, "final_lr": cfg.lr, "final_weight_decay": cfg.weight_decay}
+    return dataclasses.replace(cfg, **{k: v for k, v in chained.items() if getattr(cfg, k) is None})
+
 
 def _prepare_groups(param_groups: list[dict], weight_decay: float) -> list[dict]:
     groups = []
@@ -28,6 +54,8 @@ def _prepare_groups(param_groups: list[dict], weight_decay: float) -> list[dict]
         if not g["params"]:
             continue
         g.setdefault("lr_scale", 1.0)
+        g.setdefault("wd_scale", 1.0)
+        g.setdefault("freeze_until", 0)
         g.setdefault("wd_exclude", False)
         if g["wd_exclude"]:
             g["weight_decay"] = 0.0
@@ -49,9 +77,9 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     adamw uses the fused CUDA kernel when every parameter is on CUDA, the foreach path otherwise.
     The critical-gradient variants come from :mod:`visrep.optim.critical` (imported lazily) with
     ``topc``, ``decay``, ``kappa``, ``reference_compat`` and ``aggr`` (left to the optimizer's default
-    when None). ``rmsprop_c`` gets lr/eps/weight_decay only (its momentum stays at the optimizer's
-    default: ``optim.momentum`` is SGD's momentum).
+    when None); ``optim.momentum`` is SGD / SGD_C / RMSprop_C momentum (0 unless set).
     """
+    cfg = resolve_optim_defaults(cfg)
     groups = _prepare_groups(param_groups, cfg.weight_decay)
     name = cfg.name
     if name == "adamw":
@@ -76,17 +104,17 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         elif name == "adam_c":
             kw.update(betas=tuple(cfg.betas), eps=cfg.eps)
         else:
-            kw["eps"] = cfg.eps
+            kw.update(eps=cfg.eps, momentum=cfg.momentum)
         return cls(groups, **kw)
     raise ValueError(f"optim.name: unknown optimizer {name!r}; allowed: adamw, sgd, {', '.join(_CRITICAL)}")
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """Set every group's ``lr = lr * lr_scale`` and ``weight_decay = wd`` (unless ``wd_exclude``)."""
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, step: int = 0) -> None:
+    """For every group: ``lr = lr * lr_scale`` (0 while ``step < freeze_until``) and
+    ``weight_decay = wd * wd_scale`` (0 with ``wd_exclude``)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-        if not g.get("wd_exclude", False):
-            g["weight_decay"] = wd
+        g["lr"] = 0.0 if step < g.get("freeze_until", 0) else lr * g.get("lr_scale", 1.0)
+        g["weight_decay"] = 0.0 if g.get("wd_exclude", False) else wd * g.get("wd_scale", 1.0)
 
 
-__all__ = ["apply_schedules", "build_optimizer"]
+__all__ = ["OPTIMIZER_DEFAULTS", "apply_schedules", "build_optimizer", "resolve_optim_defaults"]
