@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrep.config import Config, OptimConfig, TrainConfig
-from visrep.methods.base import Method
+from visrep.methods.base import DataInfo, Method
 
 STEPS, B = 6, 8
 
@@ -39,18 +39,18 @@ class Toy(Method):
     """A loss that is a mean over the batch: DDP's gradient average equals the 2B gradient."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(None, DataInfo(in_chans=1, image_size=4, num_classes=4))
         torch.manual_seed(7)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
         self.target = nn.Linear(16, 4)
         self.target.requires_grad_(False)
         self.hook_calls = 0
 
-    def prepare_batch(self, images, labels, generator):
-        return images.float() / 255, labels
+    def prepare_batch(self, batch, generator):
+        return {**batch, "image": batch["image"].float() / 255}
 
     def training_step(self, batch, step):
-        x, y = batch
+        x, y = batch["image"], batch["label"]
         ce = F.cross_entropy(self.encoder(x), y)
         return {"loss": ce, "loss_ce": ce.detach()}
 
