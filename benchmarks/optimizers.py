@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrep.optim.critical import AdamC, RMSpropC, SGDC
+from visrep.optim.critical import SGDC, AdamC, RMSpropC
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MEMORY = dict(topc=5, decay=0.7)
@@ -249,8 +249,9 @@ def summarise(results: dict[str, dict[str, list[RunResult]]]) -> tuple[list[dict
             rows.append({"problem": problem, "optimizer": name, **m})
         for base in ("SGD", "Adam", "RMSprop"):
             b, c = means[base], means[base + "C"]
-            ratio = lambda key: None if b[key] in (None, 0) or c[key] is None else c[key] / b[key]
-            ratios.append({"problem": problem, "pair": f"{base}C / {base}", "steps_to_target": ratio("steps_to_target"),
+            ratio = lambda key, b=b, c=c: None if b[key] in (None, 0) or c[key] is None else c[key] / b[key]
+            ratios.append({"problem": problem, "pair": f"{base}C / {base}",
+                           "steps_to_target": ratio("steps_to_target"),
                            "final_loss": ratio("final_loss"), "final_acc": ratio("final_acc"),
                            "ms_per_step": ratio("ms_per_step"), "opt_ms_per_step": ratio("opt_ms_per_step"),
                            "state_mb": ratio("state_mb"), "peak_mb": ratio("peak_mb")})

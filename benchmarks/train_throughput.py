@@ -62,7 +62,8 @@ def build_visrep(args, device):
 
     dim, depth, heads = SIZES[args.size]
     cfg = Config(method=IJEPAConfig(pred_depth=args.pred_depth, pred_emb_dim=args.pred_dim, min_keep=4),
-                 data=DataConfig(image_size=args.img), model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth,
+                 data=DataConfig(image_size=args.img),
+                 model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth,
                                                                          num_heads=heads),
                  optim=resolve_optim_defaults(OptimConfig()), train=TrainConfig())
     info = DataInfo(in_chans=args.in_chans, image_size=args.img, num_classes=10, mean=(0.5,) * args.in_chans,
@@ -223,7 +224,8 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
 
-    variants = args.variants.split(",") if args.variants else ["visrep", "supervised"] + (["official"] if args.official else [])
+    variants = (args.variants.split(",") if args.variants
+                else ["visrep", "supervised"] + (["official"] if args.official else []))
     precisions = [False, True] if args.device.startswith("cuda") else [False]
     rows = []
     for bf16 in precisions:
@@ -249,7 +251,8 @@ def main() -> None:
     print("| variant | precision | images/s | ms/step | peak MB |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {'bf16' if r['bf16'] else 'fp32'} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} |")
+        prec = "bf16" if r["bf16"] else "fp32"
+        print(f"| {r['variant']} | {prec} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} |")
     ratios = {}
     for bf16 in precisions:
         by = {r["variant"]: r for r in rows if r["bf16"] == bf16}

@@ -31,14 +31,31 @@ def test_missing_dataset_names_every_option(tmp_path, monkeypatch, capsys):
     import visrep.data.datasets as ds
 
     monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "no-debian"))
-    code = main(["pretrain", "ijepa/fashion_mnist_demo", f"data.root={tmp_path / 'nothing'}",
+    code = main(["pretrain", "ijepa/fashion_mnist_demo", f"train.out_dir={tmp_path / 'run'}"] + TINY)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.root" in err and "not set" in err            # the root option
+    assert "no-debian" in err and "dataset-fashion-mnist" in err  # the Debian package
+    assert "download" in err                                  # torchvision download
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_explicit_data_root_without_data_is_an_error(tmp_path, monkeypatch, capsys):
+    """data.root=/nonexistent must not train silently on another copy (e.g. Debian's)."""
+    import visrep.data.datasets as ds
+
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (debian / name).write_bytes(b"")  # a copy is there: it must not be used
+    monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST_DIR", str(debian))
+    code = main(["pretrain", "ijepa/fashion_mnist_demo", f"data.root={tmp_path / 'nonexistent'}",
                  f"train.out_dir={tmp_path / 'run'}"] + TINY)
     err = capsys.readouterr().err
     assert code == 2
-    assert "nothing" in err                                   # the root that was tried
-    assert "dataset-fashion-mnist" in err                     # the Debian package
-    assert "download" in err                                  # torchvision download
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert str(tmp_path / "nonexistent") in err and "train-images-idx3-ubyte" in err
+    assert not (tmp_path / "run").exists()
 
 
 def _image_folder(root: Path, n_per_class: int = 6) -> None:

@@ -125,12 +125,15 @@ def _one_step(cfg, method, ds, batch) -> tuple[float, dict]:
 
 
 def _prepared(name: str, out_dir):
-    """The method (float64) and one prepared batch of 2B images, identical in every process."""
+    """The method (float64) and the first prepared batch of 2B images (every stream), identical in
+    every process (built before the process group exists)."""
+    from visrep.engine.trainer import Trainer
+
     cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}")
     method, ds = build(cfg)
-    images, labels = ds.tensors()
-    raw = {"image": images[:2 * B], "label": labels[:2 * B], "index": torch.arange(2 * B)}
-    batch = _as64(method.prepare_batch(raw, torch.Generator().manual_seed(11)))
+    batches = Trainer(cfg, method, ds)._batches(0)
+    batch = _as64(next(batches))
+    batches.close()
     return cfg, method.double(), ds, batch
 
 
@@ -139,12 +142,12 @@ def _worker(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
 
     from visrep import distributed as D
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
+        cfg, method, ds, batch = _prepared(name, out_dir)  # as one process: the same 2B batch everywhere
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         D.init_distributed("gloo")
-        cfg, method, ds, batch = _prepared(name, out_dir)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=B))
         loss, params = _one_step(cfg, method, ds, _shard(batch, rank, world, 2 * B))
         torch.save({"loss": loss, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))

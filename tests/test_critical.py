@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401  (torch.optim.Optimizer imports it lazily: pay once at collection, not in a test)
 
-from visrep.optim.critical import SGD_C, AdamC, RMSpropC, SGDC
+from visrep.optim.critical import SGD_C, SGDC, AdamC, RMSpropC
 
 F64 = torch.float64
 

@@ -1,6 +1,7 @@
 """Fast tests of the frozen-feature evaluation protocols on synthetic data."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -22,8 +23,6 @@ from visrep.eval import (
     select_l2_by_cv,
     write_results,
 )
-
-
 
 
 def clusters(n_train_per_class=60, n_test_per_class=40, dim=16, n_cls=5, sep=8.0, seed=0, shuffle_labels=False):
@@ -380,9 +379,11 @@ def test_protocols_on_cuda():
     assert all(r["mean"] >= 97.0 for r in res["settings"].values())
 
 
-def test_run_protocols_from_eval_config(tmp_path):
+def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    import visrep.eval.lowshot as lowshot_mod
+    from visrep.config import EvalConfig
     from visrep.eval import format_table, protocols_from_config, save_results
 
     cfg = SimpleNamespace(protocols=["knn", "linear", "lowshot"], batch_size=512, knn_k=[5, 10], knn_temperature=0.1,
@@ -391,16 +392,41 @@ def test_run_protocols_from_eval_config(tmp_path):
     assert specs == [("knn", {"ks": (5, 10), "temperature": 0.1}), ("linear", {"epochs": 2}),
                      ("lowshot", {"settings": (1, 2, "2%"), "n_splits": 2})]
     assert protocols_from_config(vars(cfg)) == specs  # a mapping works too
+
+    # count the low-shot splits (one per seed) and the classifiers fitted on them
+    fit_sizes, drawn = [], []
+    fit_logreg_, lowshot_splits_ = lowshot_mod.fit_logreg, lowshot_mod.lowshot_splits
+
+    def counting_fit(*args, **kwargs):
+        labels = list(inspect.signature(fit_logreg_).bind(*args, **kwargs).arguments.values())[1]
+        fit_sizes.append(int(labels.numel()))
+        return fit_logreg_(*args, **kwargs)
+
+    def counting_splits(*args, **kwargs):
+        bound = inspect.signature(lowshot_splits_).bind(*args, **kwargs)
+        bound.apply_defaults()
+        splits = lowshot_splits_(*args, **kwargs)
+        drawn.append((bound.arguments["setting"], bound.arguments["seed"], [tuple(s.tolist()) for s in splits]))
+        return splits
+
+    monkeypatch.setattr(lowshot_mod, "fit_logreg", counting_fit)
+    monkeypatch.setattr(lowshot_mod, "lowshot_splits", counting_splits)
     results = run_protocols({"a": clusters(n_train_per_class=100)}, cfg, verbose=False)
     assert results["rows"] == ["k-NN k=5", "k-NN k=10", "linear probe", "low-shot 1/class", "low-shot 2/class",
                                "low-shot 2%"]
-    assert len(results["table"]["low-shot 2%"]["a"]) == 2
+    # lowshot_seeds=2: every setting draws two different splits (seeds 0 and 1) and fits one classifier on each
+    assert [(setting, seed) for setting, seed, _ in drawn] == [(1, 0), (2, 0), ("2%", 0)]
+    for setting, _, splits in drawn:
+        assert len(splits) == 2 and len(set(splits)) == 2, setting
+    assert fit_sizes == [5, 5, 10, 10, 10, 10]  # 5 classes: 1/class, 2/class, 2% of 100/class; two seeds each
+    (lowshot_raw,) = [d["result"] for d in results["details"]["a"] if d["protocol"] == "lowshot"]
+    assert list(lowshot_raw["settings"]) == ["1/class", "2/class", "2%"]
+    for name, r in lowshot_raw["settings"].items():
+        assert len(r["accs"]) == 2 and len(r["l2"]) == 2, name
+    for row in ("low-shot 1/class", "low-shot 2/class", "low-shot 2%"):
+        assert results["table"][row]["a"]["std"] is not None  # the spread over the two seeds is reported
     table = format_table(results, title="t", notes=["note one"])
     assert table.startswith("# t\n") and table.rstrip().endswith("* note one")
     md, js = save_results(results, table, tmp_path)
     assert md.read_text() == table and json.loads(js.read_text())["columns"] == ["a"]
-    try:
-        from visrep.config import EvalConfig
-    except Exception:  # the config module is optional here
-        return
     assert [name for name, _ in protocols_from_config(EvalConfig())] == ["knn", "linear", "lowshot"]

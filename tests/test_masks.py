@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import time
 import warnings
 
 import pytest
@@ -30,6 +29,34 @@ def _check_collated(masks: list[torch.Tensor], n_blocks: int, batch: int, num_pa
         assert bool((m[:, 1:] > m[:, :-1]).all())  # row-major, ascending, no duplicates
 
 
+def _count_position_draws(monkeypatch) -> list[int]:
+    """Count the collator's position draws (every block corner comes from ``torch.randint``)."""
+    calls = [0]
+    randint = torch.randint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return randint(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", counting)
+    return calls
+
+
+def _assert_default_mode_bounded(col: MultiBlockMaskCollator, draws: int):
+    """One default-mode batch used at most (max_rounds + 1) rounds per target size, and the target size
+    shrank at most down to 1x1 -- so the loop is bounded whatever the RNG does.
+
+    A round draws target corners and context corners (one ``torch.randint`` each for tops and lefts)."""
+    info = col.last_info
+    (sh, sw), (ph, pw) = info["p_size_sampled"], info["p_size"]
+    assert 1 <= ph <= sh and 1 <= pw <= sw
+    assert info["shrinks"] == (sh - ph) + (sw - pw)  # one row or column per shrink
+    rounds = draws / 4
+    assert rounds == int(rounds) and 1 <= rounds <= (col.max_rounds + 1) * (info["shrinks"] + 1), info
+    assert rounds <= (col.max_rounds + 1) * (sh + sw - 1)  # the bound that holds before sampling
+    assert info["fallbacks"] == 0  # default mode never relaxes the no-overlap constraint
+
+
 def _assert_disjoint(masks_enc, masks_pred, num_patches):
     def to_bool(idx):
         return torch.zeros(idx.shape[0], num_patches, dtype=torch.bool).scatter_(1, idx, True)
@@ -40,18 +67,20 @@ def _assert_disjoint(masks_enc, masks_pred, num_patches):
 
 @pytest.mark.parametrize("grid", [4, 7, 8, 14])
 @pytest.mark.parametrize("exclusive_corner", [False, True])
-def test_default_mode_never_overlaps_and_keeps_min_keep(grid, exclusive_corner):
+def test_default_mode_never_overlaps_and_keeps_min_keep(grid, exclusive_corner, monkeypatch):
     """Paper config with min_keep=10 (the official collator hangs on 8x8 and loops on 7x7/4x4)."""
     n = grid * grid
+    draws = _count_position_draws(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 4x4: min_keep is capped (warned once)
-        t0 = time.perf_counter()
         for seed in range(8):
             torch.manual_seed(seed)
             col = _collator(grid, exclusive_corner=exclusive_corner)
             col.set_step(seed * 1000)
             for _ in range(5):
+                draws[0] = 0
                 enc, pred = col.sample_boolean_masks(8)
+                _assert_default_mode_bounded(col, draws[0])
                 eh, ew = col.last_info["e_size"]
                 k = max(1, min(col.min_keep, eh * ew - col.npred))
                 assert enc.shape == (8, 1, grid, grid) and pred.shape == (8, 4, grid, grid)
@@ -65,7 +94,24 @@ def test_default_mode_never_overlaps_and_keeps_min_keep(grid, exclusive_corner):
                 _check_collated(masks_pred, 4, 8, n)
                 assert masks_enc[0].shape[1] >= k
                 _assert_disjoint(masks_enc, masks_pred, n)
-        assert time.perf_counter() - t0 < 20  # 40 batches; bounded loop (generous for busy CPUs)
+
+
+def test_default_mode_terminates_when_every_round_fails(monkeypatch):
+    """One context try and no re-draws: failing samples force target shrinks, still a bounded loop."""
+    draws = _count_position_draws(monkeypatch)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # min_keep capped on the 4x4 grid
+        col = _collator(4, min_keep=10, max_tries=1, max_rounds=0)
+        shrinks = 0
+        for _ in range(20):
+            draws[0] = 0
+            enc, pred = col.sample_boolean_masks(16)
+            _assert_default_mode_bounded(col, draws[0])
+            shrinks += col.last_info["shrinks"]
+            assert not bool((enc[:, :, None] & pred[:, None]).any())
+            assert bool((enc.flatten(2).sum(-1) >= 5).all())  # min_keep capped at 3x3 - 4 targets
+    assert shrinks > 0  # the shrink path was exercised
 
 
 def test_call_returns_collated_batch_and_masks():
@@ -151,12 +197,16 @@ def test_official_mode_raises_instead_of_hanging():
     """Paper config, min_keep=10, 8x8 grid: the reference never terminates (first at step 3)."""
     torch.manual_seed(0)
     col = _collator(8, mode="official")
-    t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match="loop forever"):
-        for _ in range(50):
-            col.sample(8)
+    for _ in range(3):
+        col.sample(8)  # steps 0-2 are feasible
+    # step 3 draws a target block of at most min_keep patches: the reference's retry loop never exits
+    ph, pw = col.sample_block_size(torch.Generator().manual_seed(3), col.pred_mask_scale, col.aspect_ratio)
+    assert ph * pw <= col.min_keep
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match=r"would loop forever at step 3: .*min_keep=10.*mode='default'"):
+        col.sample(8)
     assert col.current_step == 3
-    assert time.perf_counter() - t0 < 5
+    assert torch.equal(torch.get_rng_state(), rng)  # detected up front: not one position was drawn
     # the default mode handles the same config and step
     col = _collator(8)
     col.set_step(3)
@@ -164,15 +214,22 @@ def test_official_mode_raises_instead_of_hanging():
     _assert_disjoint(masks_enc, masks_pred, 64)
 
 
-def test_official_mode_fallback_warns_and_can_overlap(caplog):
+def test_official_mode_fallback_warns_and_can_overlap(caplog, monkeypatch):
     """Reference class defaults on a 32/4 grid: constraints are relaxed and context may overlap targets."""
     torch.manual_seed(0)
     col = MultiBlockMaskCollator(32, 4, enc_mask_scale=(0.2, 0.8), pred_mask_scale=(0.2, 0.8),
                                  aspect_ratio=(0.3, 3.0), nenc=1, npred=2, min_keep=4, mode="official")
     overlap = fallbacks = 0
+    draws = _count_position_draws(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="visrep.data.masks"):
         for _ in range(30):
+            draws[0] = 0
             enc, pred = col.sample_boolean_masks(8)
+            # bounded retries: a context block drops one target constraint after every max_tries failed
+            # positions, and with none left the next position is valid; a position is a top and a left
+            per_sample = 2 * col.npred + 2 * col.nenc * (col.max_tries * col.npred + 1)
+            assert 2 * 8 * (col.npred + col.nenc) <= draws[0] <= 8 * per_sample
+            assert col.last_info["fallbacks"] <= 8 * col.nenc * col.npred
             fallbacks += col.last_info["fallbacks"]
             overlap += int((enc[:, :, None] & pred[:, None]).sum())
     assert fallbacks > 0 and overlap > 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep import distributed as D
-from visrep.methods import METHODS, DataInfo, Method, MethodEntry, Step
+from visrep.methods import METHODS, DataInfo, Method, MethodEntry, Step, StreamSpec
 from visrep.methods.base import Export, module_metadata
 from visrep.models import Normalize
 from visrep.optim import decay_groups, ema_update_, make_target
@@ -26,6 +26,7 @@ class ToyConfig:
     hidden: int = 16
     center_weight: float = 0.1
     freeze_head_steps: int = 1
+    supports_per_class: int = 0        # > 0: a class-balanced "supports" stream (as PAWS)
 
 
 class Encoder(nn.Module):
@@ -59,10 +60,20 @@ class ToyMethod(Method):
         self.head = nn.Linear(8, info.num_classes or 4)
         self.before_calls = 0
 
+    def streams(self) -> dict[str, StreamSpec]:
+        streams = {"main": StreamSpec()}
+        if self.cfg.supports_per_class:
+            streams["supports"] = StreamSpec(sampler="class_balanced", per_class=self.cfg.supports_per_class,
+                                             labels_per_class=4)
+        return streams
+
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         x = self.normalize(batch["image"])
         noise = torch.randn(x.shape, generator=generator).to(x)
-        return {**batch, "image": x + 0.05 * noise}
+        out = {**batch, "image": x + 0.05 * noise}
+        if "supports" in batch:
+            out["supports"] = {**batch["supports"], "image": self.normalize(batch["supports"]["image"])}
+        return out
 
     def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
         z = self.encoder(batch["image"])
@@ -72,7 +83,12 @@ class ToyMethod(Method):
         reg = self.cfg.center_weight * center.pow(2).sum()
         with torch.no_grad():
             agree = F.cosine_similarity(self.target(batch["image"]), z.detach()).mean()
-        return {"loss": ce + reg, "loss_ce": ce, "loss_center": reg, "target_agreement": agree}
+        out = {"loss": ce + reg, "loss_ce": ce, "loss_center": reg, "target_agreement": agree}
+        if "supports" in batch:  # every process draws its own supports; the term is a local mean
+            s = batch["supports"]
+            out["loss_supports"] = F.cross_entropy(self.head(self.encoder(s["image"])), s["label"])
+            out["loss"] = out["loss"] + out["loss_supports"]
+        return out
 
     def param_groups(self) -> list[dict]:
         return decay_groups(self.encoder) + [

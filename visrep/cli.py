@@ -62,7 +62,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visrep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="visrep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a method from a YAML config")
@@ -74,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot", help="comma list of knn,linear,lowshot")
-    p.add_argument("--out", default=None, help="folder for results.md / results.json (default: next to the first checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
     p.add_argument("--raw-pixels", action="store_true", help="add raw pixels as a baseline column")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], help="config overrides (e.g. eval.linear_epochs=10)")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[],
+                   help="config overrides (e.g. eval.linear_epochs=10)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export an encoder as safetensors (official key names)")
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "I-JEPA also has encoder, predictor)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="pretrain I-JEPA on Fashion-MNIST on CPU, then evaluate vs random init and raw pixels")
+    p = sub.add_parser("demo", help="pretrain I-JEPA on Fashion-MNIST on CPU, then evaluate vs random init and "
+                                    "raw pixels")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining budget in minutes (default 10)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")

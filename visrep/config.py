@@ -12,7 +12,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -24,13 +24,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural"] = "fashion_mnist"
-    root: Optional[str] = None          # folder with the data (else the Debian path, else download)
+    root: str | None = None          # must hold the data; unset: the Debian path, else download
     download: bool = False              # torchvision download when online
     image_size: int = 28                # training / evaluation resolution
     num_workers: int = 0
-    pin_memory: Optional[bool] = None   # None: on when training on CUDA
+    pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
-    train_subset: Optional[int] = None  # use only the first N training images (quick runs)
+    train_subset: int | None = None  # use only the first N training images (quick runs)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ModelConfig:
     class_token: bool = False
     num_registers: int = 0
     drop_path_rate: float = 0.0
-    init_values: Optional[float] = None  # LayerScale (DINOv2); None: off
+    init_values: float | None = None  # LayerScale (DINOv2); None: off
     patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
 
 
@@ -58,23 +58,23 @@ class OptimConfig:
     optimizers their reference defaults (constant lr, no momentum, no weight decay)."""
 
     name: Literal["adamw", "sgd", "sgd_c", "adam_c", "rmsprop_c"] = "adamw"
-    lr: Optional[float] = None       # peak lr (scaled linearly with batch size if lr_batch_ref is set)
-    start_lr: Optional[float] = None  # warmup starts here (null: the optimizer's default, else lr)
-    final_lr: Optional[float] = None
-    warmup_epochs: Optional[float] = None
-    weight_decay: Optional[float] = None
-    final_weight_decay: Optional[float] = None  # cosine weight-decay schedule end (null: constant)
+    lr: float | None = None       # peak lr (scaled linearly with batch size if lr_batch_ref is set)
+    start_lr: float | None = None  # warmup starts here (null: the optimizer's default, else lr)
+    final_lr: float | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float | None = None
+    final_weight_decay: float | None = None  # cosine weight-decay schedule end (null: constant)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: Optional[float] = None  # SGD / SGD_C / RMSprop_C momentum
+    momentum: float | None = None  # SGD / SGD_C / RMSprop_C momentum
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
-    clip_grad: Optional[float] = None
-    lr_batch_ref: Optional[int] = None  # lr is given for this global batch size; scaled linearly
+    clip_grad: float | None = None
+    lr_batch_ref: int | None = None  # lr is given for this global batch size; scaled linearly
     # critical-gradient optimizers (optim.name ends with _c)
     topc: int = 10
     decay: float = 0.7
     kappa: float = 1.0
-    aggr: Optional[str] = None       # None: the optimizer's default ('sum' for SGD_C, 'mean' otherwise)
+    aggr: str | None = None       # None: the optimizer's default ('sum' for SGD_C, 'mean' otherwise)
     reference_compat: bool = False
 
 
@@ -82,8 +82,8 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 256            # per process
-    max_minutes: Optional[float] = None
-    max_steps: Optional[int] = None
+    max_minutes: float | None = None
+    max_steps: int | None = None
     seed: int = 0
     out_dir: str = "runs/default"
     ckpt_every: int = 500            # steps; a checkpoint is also written at the end
@@ -93,7 +93,7 @@ class TrainConfig:
     device: str = "auto"
     online_knn: bool = False         # k-NN on a held-out subset every epoch
     online_knn_samples: int = 5000
-    threads: Optional[int] = None    # torch.set_num_threads
+    threads: int | None = None    # torch.set_num_threads
     progress: bool = True
 
 
@@ -219,7 +219,8 @@ def _build(cls: type, data: Any, prefix: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key '{key}'; allowed keys in '{prefix or 'top level'}': {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown config key '{key}'; allowed keys in '{prefix or 'top level'}': "
+                          f"{', '.join(sorted(fields))}")
     kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -57,7 +57,8 @@ class Fixture:
     def assert_close(self, key: str, actual: torch.Tensor, expected: torch.Tensor | None = None):
         expected = self.tensors[key] if expected is None else expected
         atol, rtol = self.tolerance(key)
-        assert actual.shape == expected.shape, f"{self.name}:{key}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.shape == expected.shape, \
+            f"{self.name}:{key}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
         torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol,
                                    msg=lambda m: f"{self.name}:{key}: {m}")
 

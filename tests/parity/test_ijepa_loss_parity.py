@@ -36,7 +36,8 @@ def test_ijepa_train_loss(path):
             elif p.requires_grad:
                 assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"{key}: unexpected gradient"
         if f"out.grad_norm_{name}" in fx.tensors:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+            norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms))
             fx.assert_close(f"out.grad_norm_{name}", norm)
     assert checked == len([k for k in fx.tensors if k.startswith("out.grad.")])
     assert all(p.grad is None for p in target.parameters())

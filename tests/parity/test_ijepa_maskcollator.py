@@ -53,7 +53,7 @@ def _to_bool(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(*idx.shape[:-1], n, dtype=torch.bool).scatter_(-1, idx, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(path) -> dict[str, torch.Tensor]:
     """Our official-mode collator over the fixture's whole stream, in the fixture's ``out.*`` layout."""
     fx = load_fixture(path)
@@ -149,7 +149,8 @@ def test_ijepa_maskcollator_exact_masks(path):
             expected = fx.listed(f"out.exact.batch{i}.{name}")
             assert len(masks) == len(expected), f"{fx.name}: batch{i}.{name}: {len(masks)} blocks != {len(expected)}"
             for j, (m, e) in enumerate(zip(masks, expected)):
-                assert m.dtype == torch.int64 and m.shape == e.shape, f"{fx.name}: batch{i}.{name}.{j}: {m.shape} != {e.shape}"
+                assert m.dtype == torch.int64 and m.shape == e.shape, \
+                    f"{fx.name}: batch{i}.{name}.{j}: {m.shape} != {e.shape}"
                 assert torch.equal(m, e), f"{fx.name}: batch{i}.{name}.{j} differs"
 
 

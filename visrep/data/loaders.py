@@ -8,8 +8,10 @@ permutation is ``torch.randperm(n, generator seeded with seed + epoch)`` sharded
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -91,12 +93,7 @@ def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; derive python/numpy seeds from it.
     s = torch.initial_seed() % 2**32
     random.seed(s)
-    try:
-        import numpy as np
-
-        np.random.seed(s)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(s)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, collate_fn: Callable | None = None,
@@ -152,7 +149,7 @@ class InMemoryBatches:
 
     Each epoch shuffles indices (seeded by ``(seed, epoch)``, same order as :func:`build_loader`),
     shards them per rank, slices ``images[idx]`` and applies ``transform(images, generator)`` (e.g.
-    :class:`~visrep.data.transforms.BatchRandomResizedCrop`) with a generator seeded by
+    :func:`~visrep.data.transforms.batch_random_resized_crop`) with a generator seeded by
     ``(seed, epoch, batch, rank)``: any batch can be regenerated exactly, so training resumes
     mid-epoch with :meth:`set_epoch` ``(epoch, start_batch)`` or :meth:`load_state_dict`.
 
@@ -188,7 +185,7 @@ class InMemoryBatches:
         self.epoch, self.batch = 0, 0
 
     @classmethod
-    def from_dataset(cls, dataset: Any, batch_size: int, **kw) -> "InMemoryBatches":
+    def from_dataset(cls, dataset: Any, batch_size: int, **kw) -> InMemoryBatches:
         """Build from any dataset exposing ``tensors() -> (images, labels)``."""
         images, labels = dataset.tensors()
         return cls(images, labels, batch_size, **kw)

@@ -53,7 +53,8 @@ import logging
 import math
 import multiprocessing
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -259,7 +260,7 @@ class MultiBlockMaskCollator:
         """``bits[top][left]``: a block as a Python-int bitmask over the row-major grid."""
         (h, w), W = size, self.width
         col = sum(1 << (r * W) for r in range(h)) * ((1 << w) - 1)  # block at (0, 0)
-        return [[col << (t * W + l) for l in range(hi[1])] for t in range(hi[0])]
+        return [[col << (t * W + left) for left in range(hi[1])] for t in range(hi[0])]
 
     def _sample_official(self, B: int, p_size, e_size):
         (ph, pw), (eh, ew) = p_size, e_size

@@ -12,7 +12,8 @@ the seed, then at every step ``classes x per_class`` indices, a pure function of
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

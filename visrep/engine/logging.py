@@ -45,13 +45,10 @@ class MetricLogger:
             except Exception as e:  # tensorboard missing or broken: JSONL is enough
                 warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})", stacklevel=2)
         if progress:
-            try:
-                from tqdm.auto import tqdm
+            from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                                 mininterval=1.0)
-            except ImportError:  # pragma: no cover
-                self._bar = None
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                             mininterval=1.0)
 
     def truncate_after(self, step: int) -> None:
         """Drop JSONL lines with ``step > step`` (left by a run that crashed after its last checkpoint)."""

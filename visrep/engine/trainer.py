@@ -34,16 +34,17 @@ import inspect
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from visrep import distributed as D
 from visrep.data.streams import ClassBalancedIndices, DictDataset, collate_dicts, memory_batch
-from visrep.methods.base import Method, StreamSpec, Step
+from visrep.methods.base import Method, Step, StreamSpec
 from visrep.optim.factory import apply_schedules, build_optimizer, resolve_optim_defaults
 from visrep.optim.schedules import build_schedules, schedule_horizon
 from visrep.utils import mix_seed
@@ -301,15 +302,16 @@ class Trainer:
             raise KeyError(f"training_step must return a dict with a 'loss' entry, got keys {sorted(out)}")
         out["loss"].backward()
         names = list(out)
-        vals = torch.stack([out[k].detach().float().reshape(()) for k in names])
+        vals = torch.stack([out[k].detach().to(torch.float64).reshape(()) for k in names])
         flags = torch.stack([(~torch.isfinite(vals)).any().float(),
-                             torch.tensor(float(should_stop()), device=vals.device)])
+                             torch.tensor(float(should_stop()), dtype=vals.dtype, device=vals.device)])
         packed = D.all_reduce_mean(torch.cat([vals, flags]).to(self._reduce_device))
         vals, (bad, stop) = packed[:-2], packed[-2:].tolist()
         if bad > 0:
             optimizer.zero_grad(set_to_none=True)
             values = vals.tolist()
-            bad_terms = ", ".join(f"{k}={v}" for k, v in zip(names, values) if not math.isfinite(v)) or "on another process"
+            bad_terms = (", ".join(f"{k}={v}" for k, v in zip(names, values) if not math.isfinite(v))
+                         or "on another process")
             where = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint written yet"
             raise NonFiniteLossError(f"non-finite loss at step {info.step} (epoch {info.epoch}): {bad_terms}; {where}",
                                      step=info.step, epoch=info.epoch, terms=dict(zip(names, values)),

@@ -8,16 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-try:  # tqdm is a declared dependency, but keep extraction usable without it
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from tqdm.auto import tqdm
 
 CACHE_FORMAT = 1
 
@@ -147,7 +144,7 @@ def extract_features(
         module.eval()
 
     bar = None
-    if progress and tqdm is not None:
+    if progress:
         bar = tqdm(total=n_total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
     feats_out: list[Tensor] = []
     labels_out: list[Tensor] = []

@@ -1,7 +1,7 @@
 """k-nearest-neighbour classification on frozen features (DINO-style weighted k-NN)."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -34,8 +34,9 @@ feature shape).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,7 @@ class DataInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataInfo":
+    def from_dict(cls, d: dict) -> DataInfo:
         d = dict(d)
         for k in ("mean", "std", "classes"):
             if d.get(k) is not None:
@@ -189,7 +190,7 @@ class Method(nn.Module):
         """Modules ``visrep export`` can write (the first is the default), with rebuild metadata."""
         return {"encoder": Export(self.eval_module(), module_metadata(self.eval_module()))}
 
-    def random_init_baseline(self) -> "Method":
+    def random_init_baseline(self) -> Method:
         """The same architecture, untrained (seeded by ``train.seed``), for side-by-side evaluation."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.run_cfg.train.seed)

@@ -29,7 +29,7 @@ tensors (so the predictor's ``mask_token`` is decayed).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from timm.layers import trunc_normal_
@@ -51,7 +51,7 @@ class IJEPAConfig:
     name: Literal["ijepa"] = "ijepa"
     pred_depth: int = 6
     pred_emb_dim: int = 384
-    pred_num_heads: Optional[int] = None       # None: the encoder's head count (official)
+    pred_num_heads: int | None = None       # None: the encoder's head count (official)
     ema: tuple[float, float] = (0.996, 1.0)
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     num_enc_masks: int = 1

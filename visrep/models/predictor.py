@@ -17,16 +17,23 @@ State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``pr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .vit import (_as_list, apply_masks, attention_backend, block_tail, init_transformer_, repeat_interleave_batch,
-                  sincos_pos_embed_2d)
+from .vit import (
+    _as_list,
+    apply_masks,
+    attention_backend,
+    block_tail,
+    init_transformer_,
+    repeat_interleave_batch,
+    sincos_pos_embed_2d,
+)
 
 __all__ = ["Predictor"]
 

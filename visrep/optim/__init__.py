@@ -1,4 +1,5 @@
 """Optimizers, schedules and EMA helpers."""
+from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
 from .ema import ema_update_, make_target
 from .factory import OPTIMIZER_DEFAULTS, apply_schedules, build_optimizer, resolve_optim_defaults
 from .groups import decay_groups, no_decay_default, no_decay_official_jepa
@@ -11,8 +12,6 @@ from .schedules import (
     linear_momentum,
     schedule_horizon,
 )
-
-from .critical import SGD_C, SGDC, Adam_C, AdamC, RMSprop_C, RMSpropC
 
 __all__ = [
     "OPTIMIZER_DEFAULTS",

@@ -90,10 +90,8 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     if name in _CRITICAL:
-        try:
-            from visrep.optim import critical
-        except ImportError as e:  # pragma: no cover - depends on the tree
-            raise ImportError(f"optim.name={name!r} needs visrep.optim.critical, which failed to import: {e}") from e
+        from visrep.optim import critical
+
         cls = getattr(critical, _CRITICAL[name])
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, topc=cfg.topc, decay=cfg.decay, kappa=cfg.kappa,
                   reference_compat=cfg.reference_compat)

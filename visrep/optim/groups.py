@@ -11,7 +11,7 @@ step (see :func:`visrep.optim.factory.apply_schedules`):
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
