@@ -122,3 +122,18 @@ def test_resume_continues_exactly(tmp_path):
     _, rest = pretrain(cfg_rest, resume=True)
     assert first.losses + rest.losses == full.losses
     assert len(full.losses) == 6
+
+
+def test_train_subset_of_a_folder_keeps_what_the_dataset_tells(tmp_path):
+    from visrep.config import load_config
+    from visrep.runner import data_info, load_split, uint8_eval_transform
+
+    _image_folder(tmp_path / "images")
+    cfg = load_config(None, ["method.name=ijepa", "data.name=imagefolder", f"data.root={tmp_path / 'images'}",
+                             "data.train_subset=5", "data.image_size=16", "model.patch_size=4"])
+    ds = load_split(cfg, "train")
+    assert len(ds) == 5 and ds.num_classes == 2 and ds.targets == [0] * 5
+    info = data_info(cfg, ds)
+    assert (info.in_chans, info.num_classes, info.classes) == (3, 2, ("class0", "class1"))
+    ds.transform = uint8_eval_transform(16)  # reaches the wrapped folder
+    assert ds[0][0].shape == (3, 16, 16) and ds.dataset.transform is ds.transform

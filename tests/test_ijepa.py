@@ -9,16 +9,16 @@ import torch
 
 from visrep.config import load_config
 from visrep.methods import DataInfo, build_method
-from visrep.runner import DEMO_CONFIG
 
 INFO = DataInfo(in_chans=1, image_size=28, num_classes=10, mean=(0.5,), std=(0.5,))
-SMALL = ["model.embed_dim=192", "model.depth=6", "model.num_heads=3", "model.patch_init=trunc_normal",
-         "method.pred_emb_dim=96", "method.pred_depth=4"]
+SMALL = ["method.name=ijepa", "data.image_size=28", "model.patch_size=7", "model.embed_dim=192", "model.depth=6",
+         "model.num_heads=3", "method.pred_emb_dim=96", "method.pred_depth=4", "method.min_keep=2"]
 
 
 def build(*overrides):
+    """I-JEPA with the method's defaults (the official ones), no recipe."""
     torch.manual_seed(0)
-    return build_method(load_config(DEMO_CONFIG, [*SMALL, *overrides]), INFO)
+    return build_method(load_config(None, [*SMALL, *overrides]), INFO)
 
 
 def test_every_linear_redrawn_with_std_002_as_the_official_init_model():

@@ -39,7 +39,28 @@ def _subset(ds, n: int):
             if hasattr(ds, attr):
                 setattr(sub, attr, getattr(ds, attr))
         return sub
-    return torch.utils.data.Subset(ds, range(min(n, len(ds))))
+    return _FirstN(ds, n)
+
+
+class _FirstN(torch.utils.data.Subset):
+    """The first ``n`` items of a file dataset; forwards what the dataset tells (classes, channels,
+    transform) and slices ``targets``."""
+
+    def __init__(self, ds, n: int):
+        super().__init__(ds, range(min(n, len(ds))))
+        if hasattr(ds, "targets"):
+            self.targets = list(ds.targets)[:len(self)]
+
+    def __getattr__(self, name):
+        if name in ("num_classes", "classes", "in_chans", "transform", "captions"):
+            return getattr(self.dataset, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name == "transform":
+            self.dataset.transform = value
+        else:
+            super().__setattr__(name, value)
 
 
 def data_info(cfg: Config, ds) -> DataInfo:
@@ -88,8 +109,7 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
     if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):  # file datasets: per-sample transform
-        tf = method.sample_transform() or uint8_eval_transform(cfg.data.image_size)
-        train_ds = load_split(cfg, "train", transform=tf)
+        train_ds.transform = method.sample_transform() or uint8_eval_transform(cfg.data.image_size)
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
     return method, result
