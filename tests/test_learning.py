@@ -1,7 +1,8 @@
-"""Learning test: a short real I-JEPA run on Fashion-MNIST beats the same encoder at random init.
+"""Learning tests: a short real run on Fashion-MNIST beats the same encoder at random init.
 
 Both encoders are measured in the same run, on the same subsets, with the same k-NN protocol; the
-pretrained one must win by a clear margin. Runs about two to three minutes on one CPU thread.
+pretrained one must win by a clear margin. Each runs one to two minutes on one CPU thread.
+Measured here (k-NN@20, 10k/5k subsets, 900 steps): I-JEPA 67.8, StoP 66.6, random init 63.7.
 """
 from __future__ import annotations
 
@@ -9,24 +10,28 @@ import os
 
 import pytest
 
+from visrep.cli import resolve_config
+
 needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 STEPS = 900
-MARGIN = 2.0  # k-NN points
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @needs_fmnist
-def test_ijepa_beats_random_init_on_knn(tmp_path):
+@pytest.mark.parametrize("recipe, margin", [("ijepa/fashion_mnist_demo", 2.0), ("stop/fashion_mnist", 1.5)])
+def test_beats_random_init_on_knn(recipe, margin, tmp_path):
     from visrep.config import load_config
     from visrep.eval import extract_features, knn_classify
-    from visrep.runner import DEMO_CONFIG, load_split, pretrain
+    from visrep.runner import load_split, pretrain
 
-    cfg = load_config(DEMO_CONFIG, [f"train.max_steps={STEPS}", "train.max_minutes=null", "train.threads=1",
-                                    "train.progress=false", f"train.out_dir={tmp_path}", "train.ckpt_every=100000",
-                                    f"train.epochs={STEPS * cfg_batch() // 60000 + 1}"])
+    path = resolve_config(recipe)
+    batch = load_config(path).train.batch_size
+    cfg = load_config(path, [f"train.max_steps={STEPS}", "train.max_minutes=null", "train.threads=1",
+                             "train.progress=false", f"train.out_dir={tmp_path}", "train.ckpt_every=100000",
+                             f"train.epochs={STEPS * batch // 60000 + 1}"])
     method, result = pretrain(cfg)
     assert result.step == STEPS
     assert result.losses[-1] < result.losses[0]
@@ -40,12 +45,5 @@ def test_ijepa_beats_random_init_on_knn(tmp_path):
         ftr, _ = extract_features(m.features, xtr, ytr, progress=False)
         fte, _ = extract_features(m.features, xte, yte, progress=False)
         acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
-    print(f"k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
-    assert acc["pretrained"] >= acc["random"] + MARGIN, acc
-
-
-def cfg_batch() -> int:
-    from visrep.config import load_config
-    from visrep.runner import DEMO_CONFIG
-
-    return load_config(DEMO_CONFIG).train.batch_size
+    print(f"{recipe}: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
+    assert acc["pretrained"] >= acc["random"] + margin, acc

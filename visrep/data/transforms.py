@@ -79,8 +79,8 @@ _DEFAULT_HFLIP = {"ijepa": False, "rrc": True, "simclr": True, "resize": False}
 def train_transform(kind: str = "ijepa", image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD, crop_scale: tuple[float, float] = (0.3, 1.0),
                     hflip: bool | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    color_jitter: float = 0.4, in_chans: int | None = None):
-    """Training pipeline for ``uint8`` CHW images.
+                    color_jitter: float = 0.4, in_chans: int | None = None, normalize: bool = True):
+    """Training pipeline for ``uint8`` CHW images (float output; ``normalize=False``: in [0, 1]).
 
     kinds:
       * ``"ijepa"``: RandomResizedCrop(image_size, crop_scale) only, no photometric augmentation
@@ -115,7 +115,9 @@ def train_transform(kind: str = "ijepa", image_size: int = 224, mean: Sequence[f
             ops.append(v2.RandomGrayscale(p=0.2))
         k = max(3, int(0.1 * min(size)) // 2 * 2 + 1)
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops.append(v2.ToDtype(torch.float32, scale=True))
+    if normalize:
+        ops.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(ops)
 
 

@@ -68,12 +68,31 @@ class IJEPAConfig:
 
 
 def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list[Tensor],
-               masks_pred: list[Tensor], kind: str = "smooth_l1") -> tuple[Tensor, Tensor, Tensor]:
-    """The I-JEPA objective for one batch: returns (loss, predictions z, targets h)."""
+               masks_pred: list[Tensor], kind: str = "smooth_l1", *, target_blocks: int = 1,
+               pairing: str = "blocks", noise: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The I-JEPA objective for one batch: returns (loss, predictions z, targets h).
+
+    Shared by StoP: ``target_blocks=K`` averages the final-normed outputs of the target encoder's
+    last K blocks before the non-affine LN (StoP ``meta.target_blocks``; 1 = I-JEPA); ``noise`` goes
+    to the predictor. ``pairing`` orders the target rows when there are several context masks:
+    ``"blocks"`` (I-JEPA ``repeat_interleave_batch``, rows (target, context, sample) like the
+    predictions) or ``"rows"`` (StoP's ``torch.repeat_interleave``, rows (target, sample, context):
+    with more than one context mask and batch > 1 predictions meet other samples' targets, as the
+    official StoP code does; identical for one context mask, the released configs)."""
     with torch.no_grad():
-        h = normalized_targets(target_encoder(imgs))
-        h = repeat_interleave_batch(apply_masks(h, masks_pred), imgs.size(0), repeat=len(masks_enc))
-    z = predictor(encoder(imgs, idx_keep=masks_enc), masks_enc, masks_pred)
+        if target_blocks == 1:
+            h = target_encoder(imgs)[:, target_encoder.num_prefix:]
+        else:
+            h = torch.stack(target_encoder.get_intermediate_layers(imgs, n=target_blocks)).mean(0)
+        h = apply_masks(normalized_targets(h), masks_pred)
+        if pairing == "blocks":
+            h = repeat_interleave_batch(h, imgs.size(0), repeat=len(masks_enc))
+        elif pairing == "rows":
+            h = h.repeat_interleave(len(masks_enc), dim=0)
+        else:
+            raise ValueError(f"pairing must be 'blocks' or 'rows', got {pairing!r}")
+    ctx = encoder(imgs, idx_keep=masks_enc)
+    z = predictor(ctx, masks_enc, masks_pred) if noise is None else predictor(ctx, masks_enc, masks_pred, noise)
     return jepa_loss(z, h, kind), z, h
 
 
@@ -127,7 +146,7 @@ class IJEPA(Method):
         self.predictor = Predictor(
             num_patches=self.encoder.grid, embed_dim=mc.embed_dim, predictor_embed_dim=m.pred_emb_dim,
             depth=m.pred_depth, num_heads=m.pred_num_heads or mc.num_heads, mlp_ratio=4.0,
-            rescale_init=m.rescale_init)
+            rescale_init=m.rescale_init, **self.predictor_options())
         if not m.rescale_init:
             redraw_linear_(self.encoder, self.predictor)
         self.target_encoder = make_target(self.encoder)
@@ -136,19 +155,29 @@ class IJEPA(Method):
             pred_mask_scale=m.pred_mask_scale, aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks,
             npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
 
+    def predictor_options(self) -> dict:
+        """Extra ``Predictor`` arguments (StoP: stochastic positions)."""
+        return {}
+
     # -- data ------------------------------------------------------------------------------------
     def sample_transform(self):
-        """Per-sample pipeline for file datasets (the DataLoader path): RandomResizedCrop only."""
+        """Per-sample pipeline for file datasets (the DataLoader path): RandomResizedCrop only, to
+        float [0, 1] (``prepare_batch`` augments and normalises the batch)."""
         from visrep.data.transforms import train_transform
 
-        return train_transform("ijepa", self.image_size, self.data_info.mean, self.data_info.std,
-                               crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip)
+        return train_transform("ijepa", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
+                               normalize=False)
+
+    def augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Batch augmentation after the crop, on float [0, 1] images (I-JEPA: none)."""
+        return images
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         images = batch["image"]
         if images.dtype == torch.uint8:  # in-memory path: raw images, crop the whole batch at once
-            images = self.normalize(batch_random_resized_crop(
-                images, self.image_size, scale=self.cfg.crop_scale, generator=generator, hflip=self.cfg.hflip))
+            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
+                                               generator=generator, hflip=self.cfg.hflip)
+        images = self.normalize(self.augment(images, generator))
         # The collator draws block sizes from its step counter and positions from the global RNG:
         # seed both from ``generator`` so that each step's masks are a pure function of the step.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -11,6 +11,15 @@ Output rows are ordered (target block j, context mask i, sample b), the official
 block computes queries, projection and MLP only for the target tokens (``block_tail``): the
 official code computes them for the context tokens too and then discards them. StoP
 (stochastic positions) and IWM (conditioning) only change ``target_tokens`` / the sequence.
+
+StoP / FlexPredict (``stop_sigma`` set; amirbar/StoP ``src/deit.py``): target tokens are
+``pos_j + predictor_embed(n_j)`` with ``n_j ~ N(0, stop_sigma^2)`` drawn in the *encoder's* width and
+projected by the same Linear that embeds the context (bias included), so the predictor cannot shrink
+the noise without shrinking its input; no mask token (it stays in the state dict, frozen, as in the
+official checkpoints). Noise comes from ``forward(..., noise=)`` (the method draws it from the step
+generator) or is drawn here in training mode. In eval mode the tokens are deterministic,
+``pos_j + predictor_embed.bias`` (the noise mean); ``stop_eval_noise=True`` keeps the official
+behaviour, which adds noise in eval mode too.
 State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
 ``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
 """
@@ -51,12 +60,17 @@ class Predictor(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         rescale_init: bool = True,
+        stop_sigma: float | None = None,
+        stop_eval_noise: bool = False,
     ):
         super().__init__()
         self.arch = dict(num_patches=list(num_patches) if not isinstance(num_patches, int) else num_patches,
                          embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                         rescale_init=rescale_init)
+                         rescale_init=rescale_init, stop_sigma=stop_sigma, stop_eval_noise=stop_eval_noise)
+        if stop_sigma is not None and stop_sigma < 0:
+            raise ValueError(f"stop_sigma must be >= 0, got {stop_sigma}")
+        self.stop_sigma, self.stop_eval_noise = stop_sigma, stop_eval_noise
         if depth < 1:
             raise ValueError(f"the predictor needs at least one block, got depth={depth}")
         if isinstance(num_patches, int):
@@ -77,16 +91,31 @@ class Predictor(nn.Module):
         self.predictor_norm = norm_layer(predictor_embed_dim)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         self._init_weights(rescale_init)
+        if stop_sigma is not None:
+            self.mask_token.requires_grad_(False)  # unused by StoP (kept: official state-dict layout)
 
     def _init_weights(self, rescale: bool) -> None:
         init_transformer_(self, self.predictor_blocks, rescale)
         trunc_normal_(self.mask_token, std=0.02)
 
-    def target_tokens(self, pos: Tensor) -> Tensor:
-        """Query tokens for the target positions ``pos`` [R, K, d]: I-JEPA uses mask_token + pos."""
-        return self.mask_token.to(pos.dtype) + pos
+    def target_tokens(self, pos: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Query tokens for the target positions ``pos`` [R, K, d]: I-JEPA uses mask_token + pos;
+        StoP ``pos + predictor_embed(noise)`` with ``noise`` [R, K, embed_dim] (None: the noise mean, 0)."""
+        if self.stop_sigma is None:
+            return self.mask_token.to(pos.dtype) + pos
+        if noise is None:
+            return pos + self.predictor_embed.bias.to(pos.dtype)
+        return pos + self.predictor_embed(noise.to(pos.dtype))
 
-    def forward(self, x: Tensor, masks_x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor]) -> Tensor:
+    def draws_noise(self) -> bool:
+        """Whether a forward pass uses StoP noise (training mode, or eval with ``stop_eval_noise``)."""
+        return self.stop_sigma is not None and (self.training or self.stop_eval_noise)
+
+    def forward(self, x: Tensor, masks_x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor],
+                noise: Tensor | Sequence[Tensor] | None = None) -> Tensor:
+        """``noise`` (StoP only): one tensor per target block, ``[len(masks_x) * B, K, embed_dim]``
+        rows ordered (context mask, sample) as ``x``, already scaled by ``stop_sigma``; drawn here
+        from the global RNG when omitted and :meth:`draws_noise`."""
         masks_x, masks = _as_list(masks_x), _as_list(masks)
         batch = x.size(0) // len(masks_x)
         pos = self.predictor_pos_embed[0]                                  # [N, d], shared table
@@ -94,7 +123,14 @@ class Predictor(nn.Module):
         x = self.predictor_embed(x) + apply_masks(pos, masks_x)            # [nx*B, Nc, d]
         n_ctx = x.size(1)
         target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, repeat=len(masks_x))
-        queries = self.target_tokens(target_pos)                           # [nt*nx*B, Nt, d]
+        if not self.draws_noise():
+            noise = None
+        elif noise is None:
+            noise = torch.randn(*target_pos.shape[:2], self.predictor_embed.in_features, device=x.device,
+                                dtype=x.dtype) * self.stop_sigma
+        elif not isinstance(noise, Tensor):
+            noise = torch.cat(list(noise), dim=0)                         # target-block-major rows
+        queries = self.target_tokens(target_pos, noise)                   # [nt*nx*B, Nt, d]
         x = torch.cat([x.repeat(len(masks), 1, 1), queries], dim=1)
         with attention_backend(x):
             for blk in self.predictor_blocks[:-1]:

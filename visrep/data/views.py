@@ -1,0 +1,384 @@
+"""Batched photometric transformations that report their parameters, and IWM view pairs.
+
+IWM (Image World Models, Garrido et al., arXiv 2403.00504) conditions its predictor on the
+transformation ``a_{x->y}`` that maps a source view ``x`` to a target view ``y`` of the same
+(already cropped) image. This module draws those views for a whole batch ``[B, C, H, W]``
+(``C`` = 1 or 3; float in [0, 1], or uint8 which is scaled to [0, 1] float32) with per-sample
+parameters, no Python loop over samples, all randomness from one explicit ``torch.Generator``
+(drawn on the generator's device, then moved to the images' device: a CPU generator works with
+CUDA images).
+
+Parameters: ``params`` is a float32 ``[B, 7]`` tensor, columns in :data:`PARAM_NAMES` order
+
+  ===  ============  =============================  ========  ===================================
+  col  name          raw range (spec strength s)    identity  op
+  ===  ============  =============================  ========  ===================================
+  0    brightness    [max(0, 1-s), 1+s]             1         x * b
+  1    contrast      [max(0, 1-s), 1+s]             1         blend with mean of grayscale(x)
+  2    saturation    [max(0, 1-s), 1+s]             1         blend with grayscale(x)
+  3    hue           [-s, s]  (s <= 0.5)            0         shift H in HSV (mod 1)
+  4    grayscale     {0, 1}                         0         luma, repeated to C channels
+  5    blur_sigma    {0} or [sigma_min, sigma_max]  0         Gaussian blur, reflect padding
+  6    solarize      {0, 1}                         0         x >= threshold -> 1 - x
+  ===  ============  =============================  ========  ===================================
+
+A transformation that is not applied (jitter not drawn with ``jitter_p``, a destructive op not
+drawn with its ``*_p``) is reported with its identity value, so identity parameters mean "no
+change", and :func:`apply_params` with identity parameters returns its input bit for bit. For
+``C == 1`` saturation, hue and grayscale are no-ops (as in torchvision) and reported as identity.
+
+Order of operations (as in the usual SimCLR/BYOL pipeline): colour jitter in the FIXED order
+brightness -> contrast -> saturation -> hue, then grayscale, blur, solarize. Each op clamps to
+[0, 1] where torchvision does (brightness, contrast, saturation; hue, grayscale, blur and
+solarize stay in range by construction). Every op matches ``torchvision.transforms.v2.functional``
+(``adjust_brightness``, ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``,
+``rgb_to_grayscale``, ``gaussian_blur``, ``solarize``) on float images up to float rounding.
+
+Normalisation and the action (:func:`normalize_params`, :func:`action`): jitter factors map
+linearly to [-1, 1] via ``(f - 1) / s`` (hue: ``h / s``), sigma maps to ``sigma / sigma_max`` in
+[0, 1], flags stay in {0, 1}; the identity therefore normalises to the zero vector.
+``action = [norm(target) - norm(source) for the 4 jitter columns (each in [-2, 2]),
+norm(source) for grayscale, blur_sigma, solarize]``: "the differences of the jitter parameters
+plus binary flags of the destructive augmentations on the source". The target's own destructive
+columns are not part of the action (the paper's target view has none). No change on either side
+gives an all-zero action (also the "null action" of IWM's predictor fine-tuning).
+
+Paper vs this code:
+  * torchvision's ColorJitter applies the four jitter ops in a random order per call; here the
+    order is fixed (B, C, S, H), so the action does not need to encode an order.
+  * Grayscale (also inside contrast and saturation) uses torchvision's weights
+    0.2989 / 0.587 / 0.114 (ITU-R 601-2 luma is 0.299 / 0.587 / 0.114), to match torchvision.
+  * Blur is torchvision's truncated Gaussian kernel with reflect padding; the kernel size is
+    ``blur_kernel_frac`` (default 10 %) of the shorter image side, rounded down to odd, at least
+    3 (23 px at 224 px, as :func:`visrep.data.transforms.train_transform`'s "simclr" kind) unless
+    ``blur_kernel_size`` fixes it. The sigma range (0.1, 2.0) is in pixels and not rescaled with
+    the image size. The paper's exact blur implementation is not stated.
+  * Solarize on the source: p = 0.1 in the paper's appendix table, 0.2 in its prose; SOURCE uses
+    the table's 0.1.
+  * How the paper normalises the action is not stated; the scaling above is this code's choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PARAM_NAMES", "NUM_PARAMS", "IDENTITY_PARAMS", "LUMA_WEIGHTS", "PhotometricSpec", "TARGET",
+    "SOURCE", "IDENTITY", "param_bounds", "blur_kernel_size", "sample_params", "apply_params",
+    "photometric", "normalize_params", "action", "iwm_views",
+    "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "grayscale",
+    "gaussian_blur", "solarize",
+]
+
+PARAM_NAMES = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur_sigma", "solarize")
+NUM_PARAMS = len(PARAM_NAMES)
+IDENTITY_PARAMS = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 has 0.299 for red).
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
+
+_B, _C, _S, _H, _GRAY, _SIGMA, _SOLAR = range(NUM_PARAMS)
+_JITTER = slice(_B, _H + 1)
+_DESTRUCTIVE = slice(_GRAY, _SOLAR + 1)
+# Uniform draws per sample, one column each (fixed, whatever the spec or channel count).
+_U_JITTER, _U_B, _U_C, _U_S, _U_H, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(9)
+_NUM_DRAWS = 9
+
+
+@dataclass(frozen=True)
+class PhotometricSpec:
+    """Probabilities and strengths of the photometric augmentation (defaults: IWM's target view).
+
+    ``jitter_p``: probability of colour jitter (all four factors drawn together, as
+    ``RandomApply([ColorJitter(...)], p)``); ``brightness``/``contrast``/``saturation``: factor
+    uniform in ``[max(0, 1-s), 1+s]``; ``hue``: shift uniform in ``[-s, s]``. ``grayscale_p``,
+    ``blur_p``, ``solarize_p``: probabilities of the destructive ops; ``blur_sigma``: uniform sigma
+    range in pixels; ``blur_kernel_frac`` / ``blur_kernel_size``: see :func:`blur_kernel_size`;
+    ``solarize_threshold``: pixels ``>=`` it are inverted.
+    """
+
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_frac: float = 0.1
+    blur_kernel_size: int | None = None
+    solarize_threshold: float = 0.5
+
+    def __post_init__(self):
+        for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} strength must be >= 0, got {getattr(self, name)}")
+        if self.hue > 0.5:
+            raise ValueError(f"hue strength must be <= 0.5, got {self.hue}")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise ValueError(f"blur_sigma must be (min, max) with 0 < min <= max, got {self.blur_sigma}")
+        if not 0 < self.blur_kernel_frac <= 1:
+            raise ValueError(f"blur_kernel_frac must be in (0, 1], got {self.blur_kernel_frac}")
+        k = self.blur_kernel_size
+        if k is not None and (k < 1 or k % 2 == 0):
+            raise ValueError(f"blur_kernel_size must be a positive odd integer, got {k}")
+
+
+# IWM target view: colour jitter only. Source view: independent jitter plus destructive ops;
+# solarize p: the paper's appendix table says 0.1, its prose says 0.2.
+TARGET = PhotometricSpec(jitter_p=0.8, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+SOURCE = PhotometricSpec(jitter_p=0.8, grayscale_p=0.2, blur_p=0.2, solarize_p=0.1)
+# No photometric change at all (I-JEPA-like views).
+IDENTITY = PhotometricSpec(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+def param_bounds(spec: PhotometricSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(low, high)`` per column of the raw parameters (identity values included)."""
+    lo = [min(1.0, max(0.0, 1.0 - s)) for s in (spec.brightness, spec.contrast, spec.saturation)]
+    hi = [1.0 + s for s in (spec.brightness, spec.contrast, spec.saturation)]
+    return (tuple(lo) + (-spec.hue, 0.0, 0.0, 0.0),
+            tuple(hi) + (spec.hue, 1.0, float(spec.blur_sigma[1]), 1.0))
+
+
+def blur_kernel_size(spec: PhotometricSpec, height: int, width: int) -> int:
+    """Odd Gaussian kernel size for an ``height x width`` image: ``spec.blur_kernel_size`` if set,
+    else ``blur_kernel_frac`` of the shorter side rounded down to odd (at least 3); capped at
+    ``2 * min(height, width) - 1`` so reflect padding stays valid."""
+    short = min(int(height), int(width))
+    if spec.blur_kernel_size is not None:
+        k = int(spec.blur_kernel_size)
+    else:
+        k = max(3, int(spec.blur_kernel_frac * short) // 2 * 2 + 1)
+    return max(1, min(k, 2 * short - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched ops with per-sample parameters (a factor / flag / sigma tensor of shape [B])
+# --------------------------------------------------------------------------------------------
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` grayscale (the image itself for one channel)."""
+    if x.shape[1] == 1:
+        return x
+    wr, wg, wb = LUMA_WEIGHTS
+    return x[:, 0:1] * wr + x[:, 1:2] * wg + x[:, 2:3] * wb
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """``ratio * x + (1 - ratio) * other`` clamped to [0, 1]; ``ratio == 1`` returns ``x`` exactly."""
+    r = _per_sample(ratio, x)
+    return (x * r + other * (1.0 - r)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply sample ``i`` by ``factor[i]`` and clamp to [0, 1]."""
+    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend sample ``i`` with the mean of its grayscale image (ratio ``factor[i]``)."""
+    return _blend(x, _luma(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend sample ``i`` with its grayscale image (ratio ``factor[i]``); no-op for one channel."""
+    if x.shape[1] == 1:
+        return x
+    return _blend(x, _luma(x), factor)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(dim=1)
+    v = x.amax(dim=1)
+    delta = v - x.amin(dim=1)
+    chroma = delta > 0
+    d = torch.where(chroma, delta, torch.ones_like(delta))
+    # Sector by which channel holds the maximum (red first, then green), hue in units of 60 deg.
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
+    h = torch.where(chroma, (h / 6.0).remainder(1.0), torch.zeros_like(h))
+    s = delta / torch.where(v > 0, v, torch.ones_like(v))
+    return h, s, v
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Closed form: channel n in (5, 3, 1) for (R, G, B), k = (n + 6h) mod 6,
+    # value = v * (1 - s * clamp(min(k, 4 - k), 0, 1)).
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=h.dtype, device=h.device).view(1, 3, 1, 1)
+    k = (n + h.unsqueeze(1) * 6.0).remainder(6.0)
+    f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * f)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift the HSV hue of sample ``i`` by ``shift[i]`` (mod 1); exact no-op where the shift is 0
+    and for one channel."""
+    if x.shape[1] == 1:
+        return x
+    s_ = _per_sample(shift, x)
+    h, s, v = _rgb_to_hsv(x)
+    out = _hsv_to_rgb((h + s_[:, 0]).remainder(1.0), s, v)
+    return torch.where(s_ != 0, out, x)
+
+
+def grayscale(x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """Replace sample ``i`` by its luma, repeated over the channels, where ``flag[i]`` is set."""
+    if x.shape[1] == 1:
+        return x
+    return torch.where(_per_sample(flag, x) > 0, _luma(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Gaussian blur of sample ``i`` with ``sigma[i]`` (0: unchanged) and one odd ``kernel_size``
+    for the batch: torchvision's truncated, normalised kernel and reflect padding, applied as two
+    depthwise 1-D convolutions with per-sample kernels."""
+    B, C, H, W = x.shape
+    if B == 0 or kernel_size <= 1:
+        return x
+    sig = _per_sample(sigma, x).view(B, 1)
+    blur = sig > 0
+    r = kernel_size // 2
+    pos = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device).view(1, -1)
+    safe = torch.where(blur, sig, torch.ones_like(sig))
+    kernel = torch.softmax(-(pos * pos) / (2.0 * safe * safe), dim=1)  # [B, k], sums to 1
+    kernel = kernel.repeat_interleave(C, dim=0)  # [B*C, k]
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return torch.where(blur.view(B, 1, 1, 1), y.view(B, C, H, W), x)
+
+
+def solarize(x: torch.Tensor, flag: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels ``>= threshold`` of sample ``i`` where ``flag[i]`` is set."""
+    return torch.where((_per_sample(flag, x) > 0) & (x >= threshold), 1.0 - x, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and applying parameters
+# --------------------------------------------------------------------------------------------
+def sample_params(batch: int, spec: PhotometricSpec, generator: torch.Generator | None = None,
+                  channels: int = 3) -> torch.Tensor:
+    """Draw ``float32 [batch, 7]`` parameters (columns :data:`PARAM_NAMES`) on the generator's
+    device. Each call draws exactly ``batch x 9`` uniforms, whatever the spec or ``channels``."""
+    dev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(int(batch), _NUM_DRAWS, generator=generator, device=dev, dtype=torch.float32)
+    ident = torch.tensor(IDENTITY_PARAMS, dtype=torch.float32, device=dev).expand(int(batch), -1)
+    (blo, clo, slo, hlo, *_), (bhi, chi, shi, hhi, *_) = param_bounds(spec)
+    lo = torch.tensor([blo, clo, slo, hlo], dtype=torch.float32, device=dev)
+    hi = torch.tensor([bhi, chi, shi, hhi], dtype=torch.float32, device=dev)
+    jitter = lo + (hi - lo) * u[:, _U_B:_U_H + 1]
+    if channels == 1:  # saturation and hue do nothing to one channel: report the identity
+        jitter[:, 2:4] = ident[:, _S:_H + 1]
+    jitter = torch.where(u[:, _U_JITTER:_U_JITTER + 1] < spec.jitter_p, jitter, ident[:, _JITTER])
+    gray = (u[:, _U_GRAY] < spec.grayscale_p) & (channels != 1)
+    s_lo, s_hi = spec.blur_sigma
+    sigma = torch.where(u[:, _U_BLUR] < spec.blur_p, s_lo + (s_hi - s_lo) * u[:, _U_SIGMA],
+                        torch.zeros_like(u[:, _U_SIGMA]))
+    solar = u[:, _U_SOLAR] < spec.solarize_p
+    return torch.cat([jitter, gray.float()[:, None], sigma[:, None], solar.float()[:, None]], dim=1)
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [B, C, H, W] with C = 1 or 3, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        return images.to(torch.float32).div_(255.0)
+    return images
+
+
+_ALL_OPS = frozenset(PARAM_NAMES)
+
+
+def _apply(x: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec, ops=_ALL_OPS) -> torch.Tensor:
+    out_dtype = x.dtype
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    p = params.to(device=x.device, dtype=x.dtype)
+    if "brightness" in ops:
+        x = adjust_brightness(x, p[:, _B])
+    if "contrast" in ops:
+        x = adjust_contrast(x, p[:, _C])
+    if "saturation" in ops:
+        x = adjust_saturation(x, p[:, _S])
+    if "hue" in ops:
+        x = adjust_hue(x, p[:, _H])
+    if "grayscale" in ops:
+        x = grayscale(x, p[:, _GRAY])
+    if "blur_sigma" in ops:
+        x = gaussian_blur(x, p[:, _SIGMA], blur_kernel_size(spec, x.shape[-2], x.shape[-1]))
+    if "solarize" in ops:
+        x = solarize(x, p[:, _SOLAR], spec.solarize_threshold)
+    return x.to(out_dtype)
+
+
+def apply_params(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec = SOURCE) -> torch.Tensor:
+    """Apply given ``[B, 7]`` parameters to ``images`` (deterministic). ``spec`` supplies only the
+    blur kernel size and the solarize threshold. Identity rows leave their images unchanged."""
+    x = _to_float(images)
+    if params.shape != (x.shape[0], NUM_PARAMS):
+        raise ValueError(f"params must be [{x.shape[0]}, {NUM_PARAMS}], got {tuple(params.shape)}")
+    return _apply(x, params, spec)
+
+
+def photometric(images: torch.Tensor, spec: PhotometricSpec,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random photometric augmentation of a batch: ``(out, params)`` with ``out`` like ``images``
+    (uint8 -> float32 in [0, 1]) and ``params`` ``float32 [B, 7]`` on ``images.device``
+    (columns :data:`PARAM_NAMES`). ``generator=None`` uses torch's global CPU generator."""
+    x = _to_float(images)
+    params = sample_params(x.shape[0], spec, generator, channels=x.shape[1]).to(x.device)
+    # Skip ops that the spec never draws (a static choice: no host-device synchronisation).
+    ops = set()
+    if spec.jitter_p > 0:
+        ops |= {n for n in ("brightness", "contrast", "saturation", "hue") if getattr(spec, n) > 0}
+    if x.shape[1] == 1:
+        ops -= {"saturation", "hue"}
+    for name, p in (("grayscale", spec.grayscale_p), ("blur_sigma", spec.blur_p), ("solarize", spec.solarize_p)):
+        if p > 0 and not (name == "grayscale" and x.shape[1] == 1):
+            ops.add(name)
+    return _apply(x, params, spec, ops), params
+
+
+# --------------------------------------------------------------------------------------------
+# Normalised parameters and the IWM action
+# --------------------------------------------------------------------------------------------
+def normalize_params(params: torch.Tensor, spec: PhotometricSpec) -> torch.Tensor:
+    """Map raw ``[B, 7]`` parameters to a fixed scale: jitter factors ``(f - 1) / s`` and hue
+    ``h / s`` in [-1, 1] (0 when the strength ``s`` is 0), ``sigma / sigma_max`` in [0, 1], flags
+    unchanged in {0, 1}. The identity parameters map to zeros."""
+    strengths = [spec.brightness, spec.contrast, spec.saturation, spec.hue]
+    scale = torch.tensor([1.0 / s if s > 0 else 0.0 for s in strengths]
+                         + [1.0, 1.0 / float(spec.blur_sigma[1]), 1.0],
+                         dtype=params.dtype, device=params.device)
+    shift = torch.tensor(IDENTITY_PARAMS, dtype=params.dtype, device=params.device)
+    return (params - shift) * scale
+
+
+def action(params_source: torch.Tensor, params_target: torch.Tensor, spec: PhotometricSpec = SOURCE) -> torch.Tensor:
+    """IWM action ``a_{x->y}``, ``[B, 7]`` in :data:`PARAM_NAMES` order: normalised target minus
+    normalised source for the 4 jitter columns (each in [-2, 2]), the source's normalised
+    grayscale flag, blur sigma and solarize flag for the rest. Both sides are normalised with the
+    same ``spec`` (so equal raw changes give equal action values); the target's destructive columns
+    are ignored. No change on either side gives zeros."""
+    ns, nt = normalize_params(params_source, spec), normalize_params(params_target, spec)
+    return torch.cat([nt[:, _JITTER] - ns[:, _JITTER], ns[:, _DESTRUCTIVE]], dim=1)
+
+
+def iwm_views(images: torch.Tensor, generator: torch.Generator | None = None, source: PhotometricSpec = SOURCE,
+              target: PhotometricSpec = TARGET) -> dict[str, torch.Tensor]:
+    """IWM source/target views of the same (already cropped) images with independent photometric
+    draws (source drawn first, then target, from ``generator``). Returns ``source`` (x), ``target``
+    (y), ``action`` (a_{x->y}, normalised with the ``source`` spec), ``params_source`` and
+    ``params_target`` (raw, ``[B, 7]``)."""
+    x, ps = photometric(images, source, generator)
+    y, pt = photometric(images, target, generator)
+    return dict(source=x, target=y, action=action(ps, pt, source), params_source=ps, params_target=pt)
