@@ -9,6 +9,12 @@ Variants, each timed in its own subprocess (clean peak-memory figures) on the sa
 * ``official``   the official I-JEPA step (facebookresearch/ijepa), imported from a checkout
                  given with ``--official PATH`` (never vendored): its ViT, predictor, MaskCollator,
                  apply_masks/repeat_interleave_batch, its per-parameter EMA loop.
+* ``stop``       our StoP step (``visrep.methods.stop``: I-JEPA's plus the noise through the tied
+                 projection), and ``official-stop`` the official StoP step (amirbar/StoP ``src/deit.py``:
+                 its ViT and predictor with ``apply_stop``, which checkpoints every attention and MLP),
+                 from a checkout given with ``--official-stop PATH``.
+
+    python benchmarks/train_throughput.py --variants stop,official-stop --official-stop /path/to/StoP
 
     python benchmarks/train_throughput.py --size tiny --img 28 --patch 4 --in-chans 1 --batch 64
     python benchmarks/train_throughput.py --size base --img 224 --patch 16 --batch 64 --device cuda \
@@ -52,23 +58,26 @@ def _masks(args, seed):
     return coll.sample(args.batch)
 
 
-def build_visrep(args, device):
+def build_visrep(args, device, method: str = "ijepa"):
     import torch
 
     from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from visrep.methods import DataInfo, Step
     from visrep.methods.ijepa import IJEPA, IJEPAConfig
+    from visrep.methods.stop import StoP, StoPConfig
     from visrep.optim import build_optimizer, resolve_optim_defaults
 
     dim, depth, heads = SIZES[args.size]
-    cfg = Config(method=IJEPAConfig(pred_depth=args.pred_depth, pred_emb_dim=args.pred_dim, min_keep=4),
+    cls, mcfg = (StoP, StoPConfig) if method == "stop" else (IJEPA, IJEPAConfig)
+    cfg = Config(method=mcfg(pred_depth=args.pred_depth, pred_emb_dim=args.pred_dim, min_keep=4),
                  data=DataConfig(image_size=args.img),
                  model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth,
                                                                          num_heads=heads),
                  optim=resolve_optim_defaults(OptimConfig()), train=TrainConfig())
     info = DataInfo(in_chans=args.in_chans, image_size=args.img, num_classes=10, mean=(0.5,) * args.in_chans,
                     std=(0.5,) * args.in_chans)
-    method = IJEPA(cfg, info).to(device)
+    method_name = method
+    method = cls(cfg, info).to(device)
     opt = build_optimizer(method.param_groups(), cfg.optim)
     if args.compile:
         method.training_step = torch.compile(method.training_step)
@@ -76,6 +85,9 @@ def build_visrep(args, device):
     def step(imgs, labels, masks_enc, masks_pred, i):
         info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
         batch = {"image": imgs, "label": labels, "masks_enc": masks_enc, "masks_pred": masks_pred}
+        if method_name == "stop":  # the noise as prepare_batch draws it (per sample, on the device)
+            batch["stop_noise"] = [torch.randn(imgs.size(0), 1, m.size(1), dim, device=device) * 0.25
+                                   for m in masks_pred]
         loss = method.training_step(batch, info)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,7 +168,59 @@ def build_official(args, device):
     return step
 
 
-BUILDERS = {"visrep": build_visrep, "supervised": build_supervised, "official": build_official}
+def build_official_stop(args, device):
+    """The official StoP step as main.py runs it on one process: its ViT and predictor (apply_stop,
+    sigma 0.25, activation checkpointing in every block as released), targets gathered per mask and
+    ``repeat_interleave``d, smooth-L1, AdamW over the official groups, per-parameter EMA."""
+    import copy
+    from functools import partial
+
+    import torch
+    import torch.nn.functional as F
+
+    if not args.official_stop or not Path(args.official_stop, "src", "deit.py").is_file():
+        raise SystemExit("--official-stop must point to a checkout of amirbar/StoP")
+    sys.path.insert(0, str(Path(args.official_stop).resolve()))
+    import src.deit as deit
+
+    dim, depth, heads = SIZES[args.size]
+    enc = deit.VisionTransformer(img_size=[args.img], patch_size=args.patch, in_chans=args.in_chans, embed_dim=dim,
+                                 depth=depth, num_heads=heads, mlp_ratio=4, qkv_bias=True,
+                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).to(device)
+    pred = deit.deit_predictor(num_patches=enc.patch_embed.num_patches, embed_dim=dim,
+                               predictor_embed_dim=args.pred_dim, depth=args.pred_depth, num_heads=heads,
+                               apply_stop=True, noise_var=0.25).to(device)
+    target = copy.deepcopy(enc)
+    for p in target.parameters():
+        p.requires_grad = False
+    groups = [
+        {"params": [p for n, p in m.named_parameters() if ("bias" not in n) and (len(p.shape) != 1)]}
+        for m in (enc, pred)] + [
+        {"params": [p for n, p in m.named_parameters() if ("bias" in n) or (len(p.shape) == 1)],
+         "WD_exclude": True, "weight_decay": 0} for m in (enc, pred)]
+    opt = torch.optim.AdamW(groups)
+    m = 0.996
+
+    def step(imgs, labels, masks_enc, masks_pred, i):
+        with torch.no_grad():
+            h = target(imgs)
+            h = F.layer_norm(h, (h.size(-1),))
+            dim_h = h.size(-1)
+            h = torch.cat([torch.gather(h, 1, mk.unsqueeze(-1).repeat(1, 1, dim_h)) for mk in masks_pred])
+            h = h.repeat_interleave(len(masks_enc), dim=0)
+        z = pred(enc(imgs, masks_enc), masks_enc, masks_pred)
+        loss = F.smooth_l1_loss(z, h)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for param_q, param_k in zip(enc.parameters(), target.parameters()):
+                param_k.data.mul_(m).add_((1.0 - m) * param_q.detach().data)
+    return step
+
+
+BUILDERS = {"visrep": build_visrep, "supervised": build_supervised, "official": build_official,
+            "stop": lambda args, device: build_visrep(args, device, "stop"), "official-stop": build_official_stop}
 
 
 def run_variant(args) -> dict:
@@ -212,6 +276,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--official", default=os.environ.get("IJEPA_OFFICIAL"), help="checkout of facebookresearch/ijepa")
+    ap.add_argument("--official-stop", default=os.environ.get("STOP_OFFICIAL"), help="checkout of amirbar/StoP")
     ap.add_argument("--compile", action="store_true", help="torch.compile our training step")
     ap.add_argument("--variants", default=None, help="comma list (default: visrep,supervised[,official])")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; report the best")

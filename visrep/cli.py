@@ -57,7 +57,8 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from visrep.runner import demo
 
-    demo(minutes=args.minutes, out_dir=args.out, data_root=args.data_root, overrides=args.overrides)
+    demo(minutes=args.minutes, out_dir=args.out, data_root=args.data_root, overrides=args.overrides,
+         recipe=resolve_config(args.recipe))
     return 0
 
 
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
-    p.add_argument("--protocols", default="knn,linear,lowshot", help="comma list of knn,linear,lowshot")
+    p.add_argument("--protocols", default="knn,linear,lowshot",
+                   help="comma list of knn,linear,lowshot and, for world models (IWM), mrr")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "raw pixels")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining budget in minutes (default 10)")
     p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--recipe", default="ijepa/fashion_mnist_demo",
+                   help="packaged config or YAML to pretrain (e.g. stop/fashion_mnist)")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("overrides", nargs="*", help="config overrides for the demo recipe")
     p.set_defaults(func=cmd_demo)

@@ -107,6 +107,8 @@ class EvalConfig:
     lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     lowshot_fraction: float = 0.01
     lowshot_seeds: int = 3
+    mrr_candidates: int = 16         # world-model MRR: transformed versions per image (paper: 256)
+    mrr_samples: int = 1000          # test images used for the MRR
 
 
 @dataclass

@@ -168,20 +168,50 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
 def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn", "linear", "lowshot"),
                         out_dir: str | None = None, data_root: str | None = None, include_raw: bool = False,
                         overrides: Sequence[str] = ()):
+    method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
+    protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
     overrides = list(overrides) + [f"eval.protocols={','.join(protocols)}"]
     if data_root:
         overrides.append(f"data.root={data_root}")
-    fns, notes, cfg = {}, [], None
+    fns, notes, cfg, extra = {}, [], None, {}
     for p in paths:
         c, method, state = load_trained(p, overrides)
         cfg = cfg or c
         name = Path(p).parent.name + f"@{state['step']}"
         fns[name] = method.features
         notes.append(f"{name}: {method.feature_description}")
+        for protocol in method_protocols:
+            extra[(protocol, name)] = _method_protocol(protocol, method, c)
+            notes.append(f"{name}: {METHOD_PROTOCOLS[protocol][1]} = {extra[(protocol, name)]:.3f}")
     if include_raw:
         fns["raw pixels"] = raw_pixel_features
     out_dir = out_dir or str(Path(paths[0]).parent / "eval")
+    if not protocols:
+        table = "# evaluation\n\n" + "".join(f"* {n}\n" for n in notes)
+        print(table)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "results.md").write_text(table)
+        return {"method_protocols": {f"{k[0]}/{k[1]}": v for k, v in extra.items()}}, table
     return evaluate_feature_sets(fns, cfg, out_dir, title="evaluation", notes=notes)
+
+
+# protocols a method answers itself: name -> (capability, what the number is)
+METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR")}
+
+
+def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
+    capability, what = METHOD_PROTOCOLS[protocol]
+    if not hasattr(method, capability):
+        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
+                         f"{cfg.method.name} has none (IWM has)")
+    images = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
+                         cfg.data.image_size)[0]
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"protocol {protocol!r} needs an in-memory test set")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method.to(device)
+    return getattr(method, capability)(images[:cfg.eval.mrr_samples], n_candidates=cfg.eval.mrr_candidates,
+                                       generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
@@ -202,13 +232,14 @@ def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
 
 # -- demo --------------------------------------------------------------------------------------------
 def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | None = None,
-         overrides: Sequence[str] = ()) -> dict:
-    """Pretrain I-JEPA on Fashion-MNIST within ``minutes`` on this machine's CPUs, then compare the
-    pretrained encoder, the same encoder at random init and raw pixels on k-NN, linear and low-shot."""
+         overrides: Sequence[str] = (), recipe: str | Path = DEMO_CONFIG) -> dict:
+    """Pretrain ``recipe`` (default: I-JEPA on Fashion-MNIST) within ``minutes`` on this machine's
+    CPUs, then compare the pretrained encoder, the same encoder at random init and raw pixels on
+    k-NN, linear and low-shot."""
     ov = [f"train.max_minutes={minutes}", f"train.out_dir={out_dir}"] + list(overrides)
     if data_root:
         ov.append(f"data.root={data_root}")
-    cfg = load_config(DEMO_CONFIG, ov)
+    cfg = load_config(recipe, ov)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     method, result = pretrain(cfg, resume=False, fit_schedule_to_budget=True)
@@ -224,7 +255,7 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
     ]
     results, table = evaluate_feature_sets(
         {"pretrained": method.features, "random init": random_init.features, "raw pixels": raw_pixel_features},
-        cfg, out_dir, title="visrep demo: I-JEPA on Fashion-MNIST", notes=notes)
+        cfg, out_dir, title=f"visrep demo: {cfg.method.name} on {cfg.data.name}", notes=notes)
     (Path(out_dir) / "train_result.json").write_text(json.dumps(
         {"step": result.step, "stopped_by": result.stopped_by, "images_per_sec": result.images_per_sec,
          "train_minutes": train_minutes}, indent=2))

@@ -26,6 +26,7 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "ijepa": MethodEntry("visrep.methods.ijepa", "IJEPAConfig", "IJEPA"),
     "stop": MethodEntry("visrep.methods.stop", "StoPConfig", "StoP"),
+    "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
 }
 
 

@@ -69,7 +69,8 @@ class IJEPAConfig:
 
 def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list[Tensor],
                masks_pred: list[Tensor], kind: str = "smooth_l1", *, target_blocks: int = 1,
-               pairing: str = "blocks", noise: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               pairing: str = "blocks", noise: list[Tensor] | None = None, cond: Tensor | None = None,
+               target_imgs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The I-JEPA objective for one batch: returns (loss, predictions z, targets h).
 
     Shared by StoP: ``target_blocks=K`` averages the final-normed outputs of the target encoder's
@@ -78,12 +79,17 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
     ``"blocks"`` (I-JEPA ``repeat_interleave_batch``, rows (target, context, sample) like the
     predictions) or ``"rows"`` (StoP's ``torch.repeat_interleave``, rows (target, sample, context):
     with more than one context mask and batch > 1 predictions meet other samples' targets, as the
-    official StoP code does; identical for one context mask, the released configs)."""
+    official StoP code does; identical for one context mask, the released configs).
+
+    Shared by IWM: ``target_imgs`` (the target view y; default ``imgs``) goes through the target
+    encoder while the encoder sees ``imgs`` (the source view x); ``cond`` [B, P] conditions the
+    predictor on the transformation x -> y."""
+    target_imgs = imgs if target_imgs is None else target_imgs
     with torch.no_grad():
         if target_blocks == 1:
-            h = target_encoder(imgs)[:, target_encoder.num_prefix:]
+            h = target_encoder(target_imgs)[:, target_encoder.num_prefix:]
         else:
-            h = torch.stack(target_encoder.get_intermediate_layers(imgs, n=target_blocks)).mean(0)
+            h = torch.stack(target_encoder.get_intermediate_layers(target_imgs, n=target_blocks)).mean(0)
         h = apply_masks(normalized_targets(h), masks_pred)
         if pairing == "blocks":
             h = repeat_interleave_batch(h, imgs.size(0), repeat=len(masks_enc))
@@ -91,8 +97,8 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
             h = h.repeat_interleave(len(masks_enc), dim=0)
         else:
             raise ValueError(f"pairing must be 'blocks' or 'rows', got {pairing!r}")
-    ctx = encoder(imgs, idx_keep=masks_enc)
-    z = predictor(ctx, masks_enc, masks_pred) if noise is None else predictor(ctx, masks_enc, masks_pred, noise)
+    extra = {k: v for k, v in (("noise", noise), ("cond", cond)) if v is not None}
+    z = predictor(encoder(imgs, idx_keep=masks_enc), masks_enc, masks_pred, **extra)
     return jepa_loss(z, h, kind), z, h
 
 
@@ -178,14 +184,18 @@ class IJEPA(Method):
             images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
                                                generator=generator, hflip=self.cfg.hflip)
         images = self.normalize(self.augment(images, generator))
+        masks_enc, masks_pred = self.sample_masks(images.size(0), generator)
+        return {**batch, "image": images, "masks_enc": masks_enc, "masks_pred": masks_pred}
+
+    def sample_masks(self, batch_size: int, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+        """Context and target masks for one batch, a pure function of ``generator``'s state."""
         # The collator draws block sizes from its step counter and positions from the global RNG:
         # seed both from ``generator`` so that each step's masks are a pure function of the step.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.mask_collator.set_step(seed)
         with torch.random.fork_rng(devices=[]):  # CPU generator only; CUDA RNG streams stay untouched
             torch.default_generator.manual_seed(seed)
-            masks_enc, masks_pred = self.mask_collator.sample(images.size(0))
-        return {**batch, "image": images, "masks_enc": masks_enc, "masks_pred": masks_pred}
+            return self.mask_collator.sample(batch_size)
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:

@@ -20,6 +20,15 @@ official checkpoints). Noise comes from ``forward(..., noise=)`` (the method dra
 generator) or is drawn here in training mode. In eval mode the tokens are deterministic,
 ``pos_j + predictor_embed.bias`` (the noise mean); ``stop_eval_noise=True`` keeps the official
 behaviour, which adds noise in eval mode too.
+
+IWM (``conditioning`` with ``cond_dim`` parameters, ``forward(..., cond=[B, cond_dim])``): the
+predictor is told the transformation between source and target view.
+``"feature"``: each target token ``t`` becomes ``t + g * MLP([t ; a])`` (``cond_mlp_layers`` layers
+mixing the concatenation back to the predictor's width) with a learned scalar gate ``g`` that
+starts at 0, so an untrained conditioned predictor is exactly I-JEPA's and ``g = 0`` switches the
+conditioning off (the paper only says "concatenated and mixed back with a 3-layer MLP"; the gated
+residual form is ours). ``"sequence"``: ``cond_dim`` extra tokens,
+token ``k`` = ``a_k * w_k + b_k`` with its own projection, appended to the context of every sequence.
 State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
 ``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
 """
@@ -62,12 +71,23 @@ class Predictor(nn.Module):
         rescale_init: bool = True,
         stop_sigma: float | None = None,
         stop_eval_noise: bool = False,
+        conditioning: str = "none",
+        cond_dim: int = 0,
+        cond_mlp_layers: int = 3,
     ):
         super().__init__()
         self.arch = dict(num_patches=list(num_patches) if not isinstance(num_patches, int) else num_patches,
                          embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                         rescale_init=rescale_init, stop_sigma=stop_sigma, stop_eval_noise=stop_eval_noise)
+                         rescale_init=rescale_init, stop_sigma=stop_sigma, stop_eval_noise=stop_eval_noise,
+                         conditioning=conditioning, cond_dim=cond_dim, cond_mlp_layers=cond_mlp_layers)
+        if conditioning not in ("none", "feature", "sequence"):
+            raise ValueError(f"conditioning must be 'none', 'feature' or 'sequence', got {conditioning!r}")
+        if conditioning != "none" and cond_dim < 1:
+            raise ValueError(f"conditioning={conditioning!r} needs cond_dim >= 1")
+        if cond_mlp_layers < 1:
+            raise ValueError(f"cond_mlp_layers must be >= 1, got {cond_mlp_layers}")
+        self.conditioning, self.cond_dim = conditioning, cond_dim
         if stop_sigma is not None and stop_sigma < 0:
             raise ValueError(f"stop_sigma must be >= 0, got {stop_sigma}")
         self.stop_sigma, self.stop_eval_noise = stop_sigma, stop_eval_noise
@@ -91,6 +111,24 @@ class Predictor(nn.Module):
         self.predictor_norm = norm_layer(predictor_embed_dim)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         self._init_weights(rescale_init)
+        d = predictor_embed_dim
+        if conditioning == "feature":
+            layers: list[nn.Module] = []
+            for i in range(cond_mlp_layers):
+                layers.append(nn.Linear(d + cond_dim if i == 0 else d, d))
+                if i < cond_mlp_layers - 1:
+                    layers.append(nn.GELU())
+            self.cond_mlp = nn.Sequential(*layers)
+            for m in self.cond_mlp:
+                if isinstance(m, nn.Linear):
+                    trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            self.cond_gate = nn.Parameter(torch.zeros(1))  # starts as the unconditioned predictor
+        elif conditioning == "sequence":
+            self.cond_weight = nn.Parameter(torch.zeros(cond_dim, d))
+            self.cond_bias = nn.Parameter(torch.zeros(cond_dim, d))
+            trunc_normal_(self.cond_weight, std=0.02)
+            trunc_normal_(self.cond_bias, std=0.02)
         if stop_sigma is not None:
             self.mask_token.requires_grad_(False)  # unused by StoP (kept: official state-dict layout)
 
@@ -112,10 +150,11 @@ class Predictor(nn.Module):
         return self.stop_sigma is not None and (self.training or self.stop_eval_noise)
 
     def forward(self, x: Tensor, masks_x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor],
-                noise: Tensor | Sequence[Tensor] | None = None) -> Tensor:
+                noise: Tensor | Sequence[Tensor] | None = None, cond: Tensor | None = None) -> Tensor:
         """``noise`` (StoP only): one tensor per target block, ``[len(masks_x) * B, K, embed_dim]``
         rows ordered (context mask, sample) as ``x``, already scaled by ``stop_sigma``; drawn here
-        from the global RNG when omitted and :meth:`draws_noise`."""
+        from the global RNG when omitted and :meth:`draws_noise`. ``cond`` (IWM): ``[B, cond_dim]``
+        transformation parameters of each sample (required when ``conditioning`` is not "none")."""
         masks_x, masks = _as_list(masks_x), _as_list(masks)
         batch = x.size(0) // len(masks_x)
         pos = self.predictor_pos_embed[0]                                  # [N, d], shared table
@@ -131,6 +170,19 @@ class Predictor(nn.Module):
         elif not isinstance(noise, Tensor):
             noise = torch.cat(list(noise), dim=0)                         # target-block-major rows
         queries = self.target_tokens(target_pos, noise)                   # [nt*nx*B, Nt, d]
+        if self.conditioning != "none":
+            if cond is None or cond.shape != (batch, self.cond_dim):
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(f"conditioning={self.conditioning!r} needs cond of shape [{batch}, {self.cond_dim}], "
+                                 f"got {got}")
+            cond = cond.to(x.dtype)
+            if self.conditioning == "feature":                           # rows (target, context, sample)
+                a = cond.repeat(len(masks) * len(masks_x), 1)[:, None].expand(-1, queries.size(1), -1)
+                queries = queries + self.cond_gate * self.cond_mlp(torch.cat([queries, a], dim=-1))
+            else:                                                         # action tokens after the context
+                tokens = cond[:, :, None] * self.cond_weight + self.cond_bias           # [B, P, d]
+                x = torch.cat([x, tokens.repeat(len(masks_x), 1, 1)], dim=1)
+                n_ctx = x.size(1)
         x = torch.cat([x.repeat(len(masks), 1, 1), queries], dim=1)
         with attention_backend(x):
             for blk in self.predictor_blocks[:-1]:

@@ -1,0 +1,144 @@
+"""IWM: Image World Models -- a JEPA whose predictor is told how the target view was transformed.
+
+Garrido et al., "Learning and Leveraging World Models in Visual Representation Learning",
+arXiv 2403.00504. No official code is public; built on the I-JEPA code path (same encoder,
+predictor, EMA, schedules, init) with what the paper specifies:
+
+    for each batch of images:
+        I' = random crop + flip                                  # shared by both views
+        y  = jitter(I')              (p 0.8: brightness .4, contrast .4, saturation .2, hue .1)
+        x  = jitter'(I') + grayscale (p .2) + blur (p .2) + solarize (p .1)
+        a  = action(x -> y): target - source jitter parameters, source's destructive flags
+        masks: 4 target blocks (15-20 %), context = the rest of x (``enc_mask_scale`` (1, 1))
+        with no_grad: h = LN(target_encoder(y))[targets]
+        z = predictor(encoder(x[context]), targets, condition=a)  # feature or sequence conditioning
+        loss = smooth_l1(z, h); AdamW; EMA as I-JEPA
+
+Choices the paper leaves open (ours, documented in :mod:`visrep.data.views`): parameters
+normalised to [-1, 1] (jitter) and [0, 1] (blur sigma, flags); the jitter ops in a fixed order;
+feature conditioning as a residual ``t + MLP([t ; a])`` whose last layer starts at zero (so an
+untrained conditioned predictor is I-JEPA's). The solarize probability is the appendix table's 0.1
+(the prose says 0.2). Capacity decides invariance: predictor depth 12 gives IWM^Inv, 18 IWM^Equi.
+Probe features: average-pooled last-layer tokens of the target encoder, as I-JEPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
+from visrep.data.views import NUM_PARAMS, PhotometricSpec, action, iwm_views, photometric
+from visrep.eval.world_model import reciprocal_ranks
+from visrep.losses import normalized_targets
+from visrep.models import apply_masks
+
+from .base import Step
+from .ijepa import IJEPA, IJEPAConfig, ijepa_loss
+
+
+@dataclass
+class IWMConfig(IJEPAConfig):
+    name: Literal["iwm"] = "iwm"
+    conditioning: Literal["feature", "sequence", "none"] = "feature"
+    cond_mlp_layers: int = 3
+    enc_mask_scale: tuple[float, float] = (1.0, 1.0)   # context = every patch outside the targets
+    hflip: bool = True                                 # the shared crop I' is flipped too
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    source_grayscale_p: float = 0.2
+    source_blur_p: float = 0.2
+    source_solarize_p: float = 0.1
+
+
+class IWM(IJEPA):
+    feature_description = "IWM probe features: average-pooled last-layer tokens of the target encoder"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        super().validate(cfg)
+        try:
+            cls.view_specs(cfg.method)
+        except ValueError as e:
+            raise ConfigError(f"method (views): {e}") from None
+
+    @staticmethod
+    def view_specs(m) -> tuple[PhotometricSpec, PhotometricSpec]:
+        """(source, target) photometric specs of a config's ``method`` section."""
+        jitter = dict(jitter_p=m.jitter_p, brightness=m.brightness, contrast=m.contrast, saturation=m.saturation,
+                      hue=m.hue)
+        source = PhotometricSpec(grayscale_p=m.source_grayscale_p, blur_p=m.source_blur_p,
+                                 solarize_p=m.source_solarize_p, **jitter)
+        return source, PhotometricSpec(**jitter)
+
+    def __init__(self, cfg, data_info):
+        super().__init__(cfg, data_info)
+        self.source_spec, self.target_spec = self.view_specs(cfg.method)
+
+    def predictor_options(self) -> dict:
+        return {"conditioning": self.cfg.conditioning, "cond_dim": NUM_PARAMS,
+                "cond_mlp_layers": self.cfg.cond_mlp_layers}
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        images = batch["image"]
+        if images.dtype == torch.uint8:  # in-memory path: the shared crop I' of the whole batch at once
+            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
+                                               generator=generator, hflip=self.cfg.hflip)
+        views = iwm_views(images, generator, source=self.source_spec, target=self.target_spec)
+        masks_enc, masks_pred = self.sample_masks(images.size(0), generator)
+        return {**batch, "image": self.normalize(views["source"]), "target_image": self.normalize(views["target"]),
+                "action": views["action"], "masks_enc": masks_enc, "masks_pred": masks_pred}
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        device = self.normalize.mean.device
+        source = batch["image"].to(device, non_blocking=True)
+        target = batch["target_image"].to(device, non_blocking=True)
+        masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
+        masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
+        cond = batch["action"].to(device, non_blocking=True) if self.cfg.conditioning != "none" else None
+        loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, source, masks_enc, masks_pred,
+                                self.cfg.loss, cond=cond, target_imgs=target)
+        return {"loss": loss}
+
+    # -- world-model quality ---------------------------------------------------------------------
+    @torch.no_grad()
+    def world_model_mrr(self, images: Tensor, n_candidates: int = 16, generator: torch.Generator | None = None,
+                        batch_size: int = 128) -> float:
+        """Mean reciprocal rank of the requested transformation among ``n_candidates`` target views
+        of each image (centre-cropped; one source view and one set of masks per image); see
+        :mod:`visrep.eval.world_model`."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        cond_on = self.cfg.conditioning != "none"
+        was_training = self.training
+        self.eval()
+        ranks = []
+        try:
+            for chunk in images.split(batch_size):
+                x01 = batch_resize_center_crop(chunk.to(self.normalize.mean.device), self.image_size)
+                source, ps = photometric(x01, self.source_spec, g)
+                masks_enc, masks_pred = self.sample_masks(x01.size(0), g)
+                masks_enc = [m.to(x01.device) for m in masks_enc]
+                masks_pred = [m.to(x01.device) for m in masks_pred]
+                ctx = self.encoder(self.normalize(source), idx_keep=masks_enc)
+                b, nt, nx = x01.size(0), len(masks_pred), len(masks_enc)
+                preds, bank = [], []
+                for _ in range(n_candidates):
+                    target, pt = photometric(x01, self.target_spec, g)
+                    a = action(ps, pt, self.source_spec).to(ctx.dtype)
+                    z = self.predictor(ctx, masks_enc, masks_pred, cond=a if cond_on else None)
+                    z = z.view(nt, nx, b, *z.shape[1:]).mean(1)               # [nt, B, K, D]
+                    h = apply_masks(normalized_targets(self.target_encoder(self.normalize(target))), masks_pred)
+                    h = h.view(nt, b, *h.shape[1:])
+                    preds.append(z.transpose(0, 1).flatten(1, 2))              # [B, nt*K, D]
+                    bank.append(h.transpose(0, 1).flatten(1, 2))
+                ranks.append(reciprocal_ranks(torch.stack(preds, 1), torch.stack(bank, 1)).cpu())
+        finally:
+            self.train(was_training)
+        return float(torch.cat(ranks).mean())
