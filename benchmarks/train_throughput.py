@@ -321,11 +321,11 @@ def main() -> None:
     ratios = {}
     for bf16 in precisions:
         by = {r["variant"]: r for r in rows if r["bf16"] == bf16}
-        for base in ("official", "supervised"):
-            if "visrep" in by and base in by:
-                key = f"visrep/{base} ({'bf16' if bf16 else 'fp32'})"
-                ratios[key] = {"throughput": by["visrep"]["images_per_sec"] / by[base]["images_per_sec"],
-                               "peak_memory": by["visrep"]["peak_mb"] / by[base]["peak_mb"]}
+        for ours, base in (("visrep", "official"), ("visrep", "supervised"), ("stop", "official-stop")):
+            if ours in by and base in by:
+                key = f"{ours}/{base} ({'bf16' if bf16 else 'fp32'})"
+                ratios[key] = {"throughput": by[ours]["images_per_sec"] / by[base]["images_per_sec"],
+                               "peak_memory": by[ours]["peak_mb"] / by[base]["peak_mb"]}
     print()
     for k, v in ratios.items():
         print(f"{k}: throughput x{v['throughput']:.2f}, peak memory x{v['peak_memory']:.2f}")

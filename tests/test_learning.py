@@ -47,3 +47,32 @@ def test_beats_random_init_on_knn(recipe, margin, tmp_path):
         acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
     print(f"{recipe}: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
     assert acc["pretrained"] >= acc["random"] + margin, acc
+
+
+MRR_STEPS = 1200
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@needs_fmnist
+def test_conditioned_iwm_predictor_is_a_better_world_model(tmp_path):
+    """Same budget, same seed: the predictor told the transformation ranks the requested target
+    higher than one that is not (measured MRR over 8 versions: 0.41 vs 0.33 at 1500 steps, 0.38 vs
+    0.33 at 600; chance is 0.34)."""
+    import torch
+
+    from visrep.config import load_config
+    from visrep.runner import load_split, pretrain
+
+    path = resolve_config("iwm/fashion_mnist")
+    mrr = {}
+    for conditioning in ("feature", "none"):
+        cfg = load_config(path, [f"train.max_steps={MRR_STEPS}", "train.max_minutes=null", "train.threads=1",
+                                 "train.progress=false", f"train.out_dir={tmp_path / conditioning}",
+                                 "train.ckpt_every=100000", f"train.epochs={MRR_STEPS * 128 // 60000 + 1}",
+                                 f"method.conditioning={conditioning}"])
+        method, _ = pretrain(cfg)
+        images = load_split(cfg, "test").tensors()[0][:500]
+        mrr[conditioning] = method.world_model_mrr(images, n_candidates=8, generator=torch.Generator().manual_seed(0))
+    print(f"world-model MRR: conditioned {mrr['feature']:.3f} vs unconditioned {mrr['none']:.3f}")
+    assert mrr["feature"] >= mrr["none"] + 0.04, mrr
