@@ -203,7 +203,7 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
     capability, what = METHOD_PROTOCOLS[protocol]
     if not hasattr(method, capability):
         raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
-                         f"{cfg.method.name} has none (IWM has)")
+                         f"{cfg.method.name} has none")
     images = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
                          cfg.data.image_size)[0]
     if not isinstance(images, torch.Tensor):

@@ -206,8 +206,12 @@ class IJEPA(Method):
         masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
         loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, imgs, masks_enc,
-                                masks_pred, self.cfg.loss)
+                                masks_pred, self.cfg.loss, **self.loss_options(batch, imgs))
         return {"loss": loss}
+
+    def loss_options(self, batch: dict, imgs: Tensor) -> dict:
+        """Extra ``ijepa_loss`` arguments for this batch (StoP: noise, K, pairing; IWM: views, action)."""
+        return {}
 
     @torch.no_grad()
     def after_optimizer_step(self, step: Step) -> None:

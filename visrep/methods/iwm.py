@@ -35,8 +35,7 @@ from visrep.eval.world_model import reciprocal_ranks
 from visrep.losses import normalized_targets
 from visrep.models import apply_masks
 
-from .base import Step
-from .ijepa import IJEPA, IJEPAConfig, ijepa_loss
+from .ijepa import IJEPA, IJEPAConfig
 
 
 @dataclass
@@ -96,16 +95,11 @@ class IWM(IJEPA):
         return {**batch, "image": self.normalize(views["source"]), "target_image": self.normalize(views["target"]),
                 "action": views["action"], "masks_enc": masks_enc, "masks_pred": masks_pred}
 
-    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
-        device = self.normalize.mean.device
-        source = batch["image"].to(device, non_blocking=True)
-        target = batch["target_image"].to(device, non_blocking=True)
-        masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
-        masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
-        cond = batch["action"].to(device, non_blocking=True) if self.cfg.conditioning != "none" else None
-        loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, source, masks_enc, masks_pred,
-                                self.cfg.loss, cond=cond, target_imgs=target)
-        return {"loss": loss}
+    def loss_options(self, batch: dict, imgs: Tensor) -> dict:
+        """The encoder sees the source view (``image``), the target encoder the target view."""
+        target = batch["target_image"].to(imgs.device, non_blocking=True)
+        cond = batch["action"].to(imgs.device, non_blocking=True) if self.cfg.conditioning != "none" else None
+        return {"cond": cond, "target_imgs": target}
 
     # -- world-model quality ---------------------------------------------------------------------
     @torch.no_grad()

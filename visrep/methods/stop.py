@@ -31,8 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import Step
-from .ijepa import IJEPA, IJEPAConfig, ijepa_loss
+from .ijepa import IJEPA, IJEPAConfig
 
 
 @dataclass
@@ -85,16 +84,7 @@ class StoP(IJEPA):
                                for m in batch["masks_pred"]]
         return batch
 
-    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
-        device = self.normalize.mean.device
-        imgs = batch["image"].to(device, non_blocking=True)
-        if imgs.dtype == torch.uint8:
-            imgs = self.normalize(imgs)
-        masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
-        masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
-        noise = [n.to(device=device, dtype=imgs.dtype, non_blocking=True).transpose(0, 1).flatten(0, 1)
+    def loss_options(self, batch: dict, imgs: Tensor) -> dict:
+        noise = [n.to(device=imgs.device, dtype=imgs.dtype, non_blocking=True).transpose(0, 1).flatten(0, 1)
                  for n in batch["stop_noise"]]                     # rows (context mask, sample)
-        loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, imgs, masks_enc, masks_pred,
-                                self.cfg.loss, target_blocks=self.cfg.target_blocks, pairing=self.cfg.pairing,
-                                noise=noise)
-        return {"loss": loss}
+        return {"target_blocks": self.cfg.target_blocks, "pairing": self.cfg.pairing, "noise": noise}
