@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from visrep import distributed as D
+from visrep.losses import sinkhorn, sinkhorn_logits
 
 B, DIM, WORLD = 3, 5, 2
 
@@ -39,7 +40,7 @@ def test_identity_on_one_process():
     assert D.all_gather(x) is x and D.all_reduce(x) is x and D.all_reduce(x, "mean") is x
     assert D.rank_in() == 0 and D.world_in() == 1
     with pytest.raises(ValueError, match="op"):
-        D.all_reduce(x, "max")
+        D.all_reduce(x, "min")
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -55,6 +56,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             loss.backward()
             mean_loss = D.all_reduce(loss.detach(), "mean")
             results[name] = (mean_loss, x.grad / WORLD)   # DDP's 1/W average
+        x = data()[rank * B:(rank + 1) * B]
+        results["sinkhorn"] = (sinkhorn(x.exp(), 3), sinkhorn_logits(x * 30, 3))
         gathered = D.all_gather(torch.full((2, 1), float(rank)))
         mean = D.all_reduce(torch.tensor([float(rank)]), "mean")
         torch.save({"results": results, "gathered": gathered, "mean": mean}, os.path.join(out, f"rank{rank}.pt"))
@@ -71,8 +74,12 @@ def test_two_processes_equal_one_process_double_batch(tmp_path, free_port):
         loss.backward()
         single[name] = (loss.detach(), x.grad)
     mp.start_processes(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    x = data()
+    balanced = (sinkhorn(x.exp(), 3), sinkhorn_logits(x * 30, 3))
     for rank in range(WORLD):
         out = torch.load(tmp_path / f"rank{rank}.pt")
+        for got, want in zip(out["results"].pop("sinkhorn"), balanced, strict=True):  # Sinkhorn sums across processes
+            torch.testing.assert_close(got, want[rank * B:(rank + 1) * B], rtol=1e-6, atol=1e-7)
         assert out["gathered"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
         assert out["mean"].item() == 0.5
         for name, (loss, grad) in single.items():

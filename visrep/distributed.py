@@ -143,11 +143,16 @@ class _AllGather(torch.autograd.Function):
 
 def all_reduce(x: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """Sum (``op="sum"``) or mean (``op="mean"``) of ``x`` over the processes of ``group``, with
-    gradients (see the module docstring); a new tensor. Identity on one process."""
-    if op not in ("sum", "mean"):
-        raise ValueError(f"all_reduce: op must be 'sum' or 'mean', got {op!r}")
+    gradients (see the module docstring); ``op="max"`` carries no gradient (for numerical shifts).
+    A new tensor. Identity on one process."""
+    if op not in ("sum", "mean", "max"):
+        raise ValueError(f"all_reduce: op must be 'sum', 'mean' or 'max', got {op!r}")
     if _world(group) == 1:
         return x
+    if op == "max":
+        out = x.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        return out
     out = _AllReduceSum.apply(x, group)
     return out / _world(group) if op == "mean" else out
 
