@@ -68,7 +68,7 @@ def test_predictor_mlp_ratio_is_4_whatever_the_encoder():
 
 def test_official_h14_recipe_never_touches_the_last_row_or_column():
     """The reference draws block corners in [0, H - h): no block reaches row/column H - 1."""
-    from visrep.cli import resolve_config
+    from visrep.config import resolve_config
     from visrep.data.masks import MultiBlockMaskCollator
 
     cfg = load_config(resolve_config("ijepa/imagenet_vit_h14"))

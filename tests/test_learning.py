@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from visrep.cli import resolve_config
+from visrep.config import resolve_config
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -32,3 +32,41 @@ def test_iwm_world_model_mrr_runs_and_is_a_rank():
     a = m.world_model_mrr(images, n_candidates=4, generator=torch.Generator().manual_seed(1))
     b = m.world_model_mrr(images, n_candidates=4, generator=torch.Generator().manual_seed(1))
     assert a == b and 0.25 <= a <= 1.0 and m.training  # deterministic, a rank, training mode restored
+
+
+def _tiny(name: str, extra=()):
+    cfg = load_config(None, [f"method.name={name}", "data.image_size=16", "model.patch_size=4", "model.embed_dim=32",
+                             "model.depth=1", "model.num_heads=2", "method.pred_emb_dim=16", "method.pred_depth=1",
+                             "method.num_pred_masks=2", "method.min_keep=2", "method.pred_mask_scale=0.1,0.2", *extra])
+    torch.manual_seed(0)
+    return build_method(cfg, DataInfo(in_chans=3, image_size=16, num_classes=3, mean=(0.5,) * 3, std=(0.25,) * 3))
+
+
+@pytest.mark.parametrize("name", ["ijepa", "stop", "iwm"])
+def test_predictor_finetune_runs_every_reference_and_keeps_the_method(name):
+    m = _tiny(name)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 3, (24,), generator=g)
+    test = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 3, (9,), generator=g)
+    out = m.predictor_finetune(train, test, epochs=2, batch_size=8, generator=torch.Generator().manual_seed(1))
+    assert set(out) == {"pretrained predictor", "random predictor", "attentive probe"}
+    assert all(0.0 <= v <= 100.0 for v in out.values())
+    # the method's own predictor and encoders are untouched (the protocol tunes a copy)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_attentive_head_learns_a_token_rule():
+    """The attentive pooler must find the one informative token (marked by its content) among distractors."""
+    from visrep.eval.finetune import AttentivePooler, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 6, 8, generator=g)
+    where = torch.randint(0, 6, (1200,), generator=g)
+    x[torch.arange(1200), where, 7] = 4.0                       # the marked token
+    marked = x[torch.arange(1200), where]
+    y = (marked[:, 0] > marked[:, 1]).long()                     # its features decide the class
+    head = AttentivePooler(8, 2, num_heads=2)
+    out = train_classifier(head, [{"params": list(head.parameters()), "lr": 3e-3}], (x[:1000], y[:1000]),
+                           (x[1000:], y[1000:]), epochs=15, batch_size=50, generator=g)
+    assert out["top1"] > 90.0, out

@@ -10,23 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from visrep.config import ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def resolve_config(name: str) -> Path:
-    """A path, or a name under the packaged ``visrep/configs`` (``ijepa/fashion_mnist_demo``)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    available = sorted(str(c.relative_to(CONFIG_DIR)) for c in CONFIG_DIR.rglob("*.yaml"))
-    raise ConfigError(f"config {name!r} not found; give a YAML path or one of: {', '.join(available)}")
+from visrep.config import ConfigError, resolve_config
 
 
 def cmd_pretrain(args) -> int:
@@ -76,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot",
-                   help="comma list of knn,linear,lowshot and, for world models (IWM), mrr")
+                   help="comma list of knn,linear,lowshot and, for JEPA world models (I-JEPA, StoP, IWM), "
+                        "mrr (IWM) and predictor_ft")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")

@@ -109,6 +109,9 @@ class EvalConfig:
     lowshot_seeds: int = 3
     mrr_candidates: int = 16         # world-model MRR: transformed versions per image (paper: 256)
     mrr_samples: int = 1000          # test images used for the MRR
+    finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
+    finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
+    finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
 
 
 @dataclass
@@ -281,13 +284,27 @@ def build_config(tree: dict) -> Config:
     return cfg
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A path, or a name under the packaged ``visrep/configs`` (``ijepa/fashion_mnist_demo``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    available = sorted(str(c.relative_to(CONFIG_DIR)) for c in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found; give a YAML path or one of: {', '.join(available)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
-    """Load ``path`` (YAML), apply ``key=value`` overrides, type-check everything."""
+    """Load ``path`` (a YAML file or a packaged recipe name), apply ``key=value`` overrides, type-check
+    everything."""
     tree: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")

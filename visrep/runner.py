@@ -181,8 +181,12 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
         fns[name] = method.features
         notes.append(f"{name}: {method.feature_description}")
         for protocol in method_protocols:
+            capability, what = METHOD_PROTOCOLS[protocol]
+            if len(paths) > 1 and not hasattr(method, capability):  # side by side: say n/a, don't fail
+                notes.append(f"{name}: {what}: n/a ({c.method.name} has no {capability}())")
+                continue
             extra[(protocol, name)] = _method_protocol(protocol, method, c)
-            notes.append(f"{name}: {METHOD_PROTOCOLS[protocol][1]} = {extra[(protocol, name)]:.3f}")
+            notes.append(f"{name}: {what}: {_format_protocol(extra[(protocol, name)])}")
     if include_raw:
         fns["raw pixels"] = raw_pixel_features
     out_dir = out_dir or str(Path(paths[0]).parent / "eval")
@@ -196,22 +200,40 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
 
 
 # protocols a method answers itself: name -> (capability, what the number is)
-METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR")}
+METHOD_PROTOCOLS = {
+    "mrr": ("world_model_mrr", "world-model MRR"),
+    "predictor_ft": ("predictor_finetune", "top-1 with the encoder frozen, predictor + attentive head fine-tuned"),
+}
 
 
-def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
+def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict[str, float]:
     capability, what = METHOD_PROTOCOLS[protocol]
     if not hasattr(method, capability):
         raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
                          f"{cfg.method.name} has none")
-    images = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
-                         cfg.data.image_size)[0]
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"protocol {protocol!r} needs an in-memory test set")
+
+    def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = eval_images(load_split(cfg, name, transform=uint8_eval_transform(cfg.data.image_size)),
+                                     cfg.data.image_size)
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"protocol {protocol!r} needs an in-memory {name} set")
+        return images, labels
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method.to(device)
-    return getattr(method, capability)(images[:cfg.eval.mrr_samples], n_candidates=cfg.eval.mrr_candidates,
-                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+    e, g = cfg.eval, torch.Generator().manual_seed(cfg.train.seed)
+    fn = getattr(method, capability)
+    if protocol == "mrr":
+        return fn(split("test")[0][:e.mrr_samples], n_candidates=e.mrr_candidates, generator=g)
+    x, y = split("train")
+    keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
+    return fn((x[keep], y[keep]), split("test"), epochs=e.finetune_epochs, lr=e.finetune_lr, generator=g)
+
+
+def _format_protocol(value: float | dict[str, float]) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+    return f"{value:.3f}"
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:

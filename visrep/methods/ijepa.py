@@ -28,6 +28,7 @@ tensors (so the predictor's ``mask_token`` is decayed).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +37,8 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from visrep.data.masks import MultiBlockMaskCollator
-from visrep.data.transforms import batch_random_resized_crop
+from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
+from visrep.eval.finetune import AttentivePooler, train_classifier
 from visrep.losses import jepa_loss, normalized_targets
 from visrep.models import Normalize, Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.optim.ema import ema_update_, make_target
@@ -102,6 +104,23 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
     return jepa_loss(z, h, kind), z, h
 
 
+class _PredictorClassifier(nn.Module):
+    """Frozen-encoder tokens ``[B, N, D]`` -> (predictor over every position, null action) -> head."""
+
+    def __init__(self, predictor: Predictor | None, head: nn.Module):
+        super().__init__()
+        self.predictor, self.head = predictor, head
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.predictor is not None:
+            b, n = tokens.shape[:2]
+            every = torch.arange(n, device=tokens.device).expand(b, n)
+            p = self.predictor
+            cond = tokens.new_zeros(b, p.cond_dim) if p.conditioning != "none" else None
+            tokens = p(tokens, [every], [every], cond=cond)
+        return self.head(tokens)
+
+
 def redraw_linear_(*modules: nn.Module) -> None:
     """Official ``init_model``: trunc_normal(0.02) for every ``nn.Linear`` weight, zero bias."""
     for module in modules:
@@ -149,10 +168,7 @@ class IJEPA(Method):
         self.image_size = cfg.data.image_size
         self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=m.rescale_init)
-        self.predictor = Predictor(
-            num_patches=self.encoder.grid, embed_dim=mc.embed_dim, predictor_embed_dim=m.pred_emb_dim,
-            depth=m.pred_depth, num_heads=m.pred_num_heads or mc.num_heads, mlp_ratio=4.0,
-            rescale_init=m.rescale_init, **self.predictor_options())
+        self.predictor = self.build_predictor(mc.embed_dim, mc.num_heads, redraw=False)
         if not m.rescale_init:
             redraw_linear_(self.encoder, self.predictor)
         self.target_encoder = make_target(self.encoder)
@@ -160,6 +176,17 @@ class IJEPA(Method):
             input_size=self.image_size, patch_size=mc.patch_size, enc_mask_scale=m.enc_mask_scale,
             pred_mask_scale=m.pred_mask_scale, aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks,
             npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
+
+    def build_predictor(self, embed_dim: int, num_heads: int, redraw: bool = True) -> Predictor:
+        """A freshly initialised predictor (with ``redraw``: the official init unless ``rescale_init``)."""
+        m = self.cfg
+        predictor = Predictor(
+            num_patches=self.encoder.grid, embed_dim=embed_dim, predictor_embed_dim=m.pred_emb_dim,
+            depth=m.pred_depth, num_heads=m.pred_num_heads or num_heads, mlp_ratio=4.0,
+            rescale_init=m.rescale_init, **self.predictor_options())
+        if redraw and not m.rescale_init:
+            redraw_linear_(predictor)
+        return predictor
 
     def predictor_options(self) -> dict:
         """Extra ``Predictor`` arguments (StoP: stochastic positions)."""
@@ -229,6 +256,47 @@ class IJEPA(Method):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         return self.target_encoder.pooled(self.normalize(images), pool="avg")
+
+    @torch.no_grad()
+    def frozen_tokens(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """The target encoder's last-layer tokens ``[N, T, D]`` of centre-cropped uint8 ``images``."""
+        device = self.normalize.mean.device
+        was_training = self.target_encoder.training
+        self.target_encoder.eval()
+        out = [self.target_encoder(self.normalize(batch_resize_center_crop(chunk.to(device), self.image_size))).cpu()
+               for chunk in images.split(batch_size)]
+        self.target_encoder.train(was_training)
+        return torch.cat(out)
+
+    def predictor_finetune(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], epochs: int = 10,
+                           lr: float = 1e-3, batch_size: int = 128, generator: torch.Generator | None = None
+                           ) -> dict[str, float]:
+        """Leveraging the world model (IWM paper, section 5): the encoder frozen, the pretrained
+        predictor reads the target encoder's tokens of the whole image with a null action (no
+        transformation; StoP: deterministic positions) and predicts every position, and an attentive
+        head classifies its outputs; predictor and head are trained with AdamW, the pretrained predictor
+        at ``lr / 10`` as in the paper. Two references in the same run: a randomly initialised predictor
+        (at ``lr``) and the attentive probe on the encoder tokens alone. Returns top-1 (%) of each."""
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        device = self.normalize.mean.device
+        tokens_tr, tokens_te = self.frozen_tokens(train[0]), self.frozen_tokens(test[0])
+        dim, classes = tokens_tr.shape[-1], int(max(train[1].max(), test[1].max())) + 1
+        heads = self.encoder.num_heads
+        results = {}
+        for name, predictor, pred_lr in (("pretrained predictor", copy.deepcopy(self.predictor), lr / 10),
+                                         ("random predictor", self.build_predictor(dim, heads).to(device), lr),
+                                         ("attentive probe", None, 0.0)):
+            head = AttentivePooler(dim, classes, num_heads=heads)
+            model = _PredictorClassifier(predictor, head)
+            groups = [{"params": list(head.parameters()), "lr": lr}]
+            if predictor is not None:
+                groups.append({"params": list(predictor.parameters()), "lr": pred_lr})
+            out = train_classifier(model, groups, (tokens_tr, train[1]), (tokens_te, test[1]), epochs=epochs,
+                                   batch_size=batch_size, generator=torch.Generator().manual_seed(int(
+                                       torch.randint(0, 2**31 - 1, (1,), generator=g))),
+                                   device=device, desc=f"predictor fine-tune ({name})", eval_mode=True)
+            results[name] = out["top1"]
+        return results
 
     def export_modules(self) -> dict[str, Export]:
         return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
