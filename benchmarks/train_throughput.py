@@ -71,8 +71,8 @@ def build_visrep(args, device, method: str = "ijepa"):
     cls, mcfg = (StoP, StoPConfig) if method == "stop" else (IJEPA, IJEPAConfig)
     cfg = Config(method=mcfg(pred_depth=args.pred_depth, pred_emb_dim=args.pred_dim, min_keep=4),
                  data=DataConfig(image_size=args.img),
-                 model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth,
-                                                                         num_heads=heads),
+                 model=ModelConfig(patch_size=args.patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                   grad_checkpointing=getattr(args, "grad_checkpointing", False)),
                  optim=resolve_optim_defaults(OptimConfig()), train=TrainConfig())
     info = DataInfo(in_chans=args.in_chans, image_size=args.img, num_classes=10, mean=(0.5,) * args.in_chans,
                     std=(0.5,) * args.in_chans)
@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--official", default=os.environ.get("IJEPA_OFFICIAL"), help="checkout of facebookresearch/ijepa")
     ap.add_argument("--official-stop", default=os.environ.get("STOP_OFFICIAL"), help="checkout of amirbar/StoP")
     ap.add_argument("--compile", action="store_true", help="torch.compile our training step")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="activation checkpointing in our encoder and predictor (model.grad_checkpointing)")
     ap.add_argument("--variants", default=None, help="comma list (default: visrep,supervised[,official])")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; report the best")
     ap.add_argument("--out", default=None)

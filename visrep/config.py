@@ -48,6 +48,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     init_values: float | None = None  # LayerScale (DINOv2); None: off
     patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
+    grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors)
 
 
 @dataclass

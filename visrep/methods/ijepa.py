@@ -186,6 +186,7 @@ class IJEPA(Method):
             rescale_init=m.rescale_init, **self.predictor_options())
         if redraw and not m.rescale_init:
             redraw_linear_(predictor)
+        predictor.grad_checkpointing = self.encoder.grad_checkpointing
         return predictor
 
     def predictor_options(self) -> dict:

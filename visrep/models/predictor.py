@@ -50,6 +50,7 @@ from .vit import (
     block_tail,
     init_transformer_,
     repeat_interleave_batch,
+    run_blocks,
     sincos_pos_embed_2d,
 )
 
@@ -88,6 +89,7 @@ class Predictor(nn.Module):
         if cond_mlp_layers < 1:
             raise ValueError(f"cond_mlp_layers must be >= 1, got {cond_mlp_layers}")
         self.conditioning, self.cond_dim = conditioning, cond_dim
+        self.grad_checkpointing = False  # activation checkpointing per block (runtime switch)
         if stop_sigma is not None and stop_sigma < 0:
             raise ValueError(f"stop_sigma must be >= 0, got {stop_sigma}")
         self.stop_sigma, self.stop_eval_noise = stop_sigma, stop_eval_noise
@@ -185,7 +187,6 @@ class Predictor(nn.Module):
                 n_ctx = x.size(1)
         x = torch.cat([x.repeat(len(masks), 1, 1), queries], dim=1)
         with attention_backend(x):
-            for blk in self.predictor_blocks[:-1]:
-                x = blk(x)
+            x = run_blocks(self.predictor_blocks[:-1], x, self.grad_checkpointing)
             x = block_tail(self.predictor_blocks[-1], x, n_ctx)  # context outputs are never used
         return self.predictor_proj(self.predictor_norm(x))

@@ -111,6 +111,21 @@ def attention_backend(x: Tensor):
     return sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else contextlib.nullcontext()
 
 
+def run_blocks(blocks, x: Tensor, checkpointing: bool = False) -> Tensor:
+    """``x`` through ``blocks`` in order; with ``checkpointing`` (and gradients on) each block's
+    activations are recomputed in the backward pass instead of stored (``torch.utils.checkpoint``,
+    non-reentrant): less memory for about one more forward pass."""
+    recompute = checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = torch.utils.checkpoint.checkpoint(_block_call, blk, x, use_reentrant=False) if recompute else blk(x)
+    return x
+
+
+def _block_call(blk: nn.Module, x: Tensor) -> Tensor:
+    with attention_backend(x):  # the recomputation in backward must pick the same SDPA kernel
+        return blk(x)
+
+
 def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
     """``blk(x)[:, start:]`` without computing what is thrown away.
 
@@ -189,6 +204,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
+        self.grad_checkpointing = False  # activation checkpointing per block (a runtime switch, not arch)
         self.num_prefix = int(class_token) + num_registers
         self.pos_embed_type = pos_embed
         self.interpolate_offset = interpolate_offset
@@ -279,16 +295,13 @@ class VisionTransformer(nn.Module):
         """All output tokens after the final norm: [B (x n_masks), prefix + kept patches, D]."""
         with attention_backend(x):
             x = self.prepare_tokens(x, idx_keep, mask)
-            for blk in self.blocks:
-                x = blk(x)
-            return self.norm(x)
+            return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """DINOv2-style output dict: normed cls / register / patch tokens and the pre-norm sequence."""
         x = self.prepare_tokens(x, mask=mask)
         with attention_backend(x):
-            for blk in self.blocks:
-                x = blk(x)
+            x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x_norm = self.norm(x)
         c = int(self.cls_token is not None)
         return {
@@ -338,7 +351,9 @@ def vit_from_config(model_cfg, in_chans: int, image_size: int, **overrides) -> V
                   pos_embed=mc.pos_embed, class_token=mc.class_token, num_registers=mc.num_registers,
                   drop_path_rate=mc.drop_path_rate, init_values=mc.init_values, patch_init=mc.patch_init)
     kwargs.update(overrides)
-    return VisionTransformer(**kwargs)
+    vit = VisionTransformer(**kwargs)
+    vit.grad_checkpointing = mc.grad_checkpointing
+    return vit
 
 
 class Normalize(nn.Module):

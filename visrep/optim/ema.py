@@ -30,9 +30,8 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     if len(t_params) != len(o_params):
         raise ValueError(f"ema_update_: target has {len(t_params)} parameters, online has {len(o_params)}")
     o_params = [o.detach() for o in o_params]
-    if t_params:
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+    if t_params:  # one pass per tensor: target += (1 - momentum) * (online - target)
+        torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
         tb.copy_(ob)
 
