@@ -254,12 +254,17 @@ def run_variant(args) -> dict:
             times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)  # matmul / conv / attention FLOPs of one step, fwd + bwd
+    with amp, counter:
+        step(imgs, labels, masks_enc, masks_pred, args.warmup + args.steps)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB -> MiB)
     return {"variant": args.variant, "bf16": args.bf16, "ms_per_step": med * 1000, "images_per_sec": args.batch / med,
-            "peak_mb": peak_mb, "rss_before_mb": rss0 / 1024}
+            "peak_mb": peak_mb, "rss_before_mb": rss0 / 1024, "flops_per_step": counter.get_total_flops()}
 
 
 def main() -> None:
@@ -278,6 +283,8 @@ def main() -> None:
     ap.add_argument("--official", default=os.environ.get("IJEPA_OFFICIAL"), help="checkout of facebookresearch/ijepa")
     ap.add_argument("--official-stop", default=os.environ.get("STOP_OFFICIAL"), help="checkout of amirbar/StoP")
     ap.add_argument("--compile", action="store_true", help="torch.compile our training step")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak dense TFLOP/s (H100/H200 bf16: 989); adds model FLOPs utilisation")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="activation checkpointing in our encoder and predictor (model.grad_checkpointing)")
     ap.add_argument("--variants", default=None, help="comma list (default: visrep,supervised[,official])")
@@ -315,11 +322,18 @@ def main() -> None:
     print(f"\nI-JEPA train step, ViT-{args.size} ({dim}x{depth}, {heads} heads), {args.img}px / patch {args.patch}, "
           f"batch {args.batch}, predictor {args.pred_dim}x{args.pred_depth}, device {args.device}, threads "
           f"{args.threads or 'default'}\n")
-    print("| variant | precision | images/s | ms/step | peak MB |")
-    print("|---|---|---|---|---|")
+    # MFU counts the FLOPs our step needs (visrep's count where measured), so redundant work elsewhere
+    # is not credited as utilisation
+    model_flops = {r["bf16"]: r["flops_per_step"] for r in rows if r["variant"] in ("visrep", "stop")}
+    print("| variant | precision | images/s | ms/step | peak MB | GFLOP/step | MFU |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         prec = "bf16" if r["bf16"] else "fp32"
-        print(f"| {r['variant']} | {prec} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} |")
+        flops = model_flops.get(r["bf16"], r["flops_per_step"])
+        r["mfu"] = (flops / (r["ms_per_step"] / 1000) / (args.peak_tflops * 1e12)) if args.peak_tflops else None
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {r['variant']} | {prec} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} "
+              f"| {r['flops_per_step'] / 1e9:.1f} | {mfu} |")
     ratios = {}
     for bf16 in precisions:
         by = {r["variant"]: r for r in rows if r["bf16"] == bf16}
