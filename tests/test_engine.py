@@ -447,3 +447,38 @@ def test_method_config_rejected_before_any_data(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model\.embed_dim=96 must be divisible"):
         load_config(DEMO_CONFIG, ["model.num_heads=5", f"data.root={tmp_path / 'nonexistent'}"])
+
+
+# ------------------------------------------------------------------------------------------------
+# compile policy: compiled steps equal eager ones; a compiler failure falls back to eager, once
+
+
+def test_compiled_steps_match_eager(tmp_path):
+    eager = train(make_cfg(tmp_path, "eager", compile=False), EMAToy(), ToyData())
+    compiled = train(make_cfg(tmp_path, "compiled", compile=True, compile_backend="aot_eager"), EMAToy(), ToyData())
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path):
+    import warnings
+
+    from torch._dynamo import register_backend
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    register_backend(failing, name="visrep_test_failing")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fell_back = train(make_cfg(tmp_path, "fallback", compile=True, compile_backend="visrep_test_failing"),
+                          EMAToy(), ToyData())
+    msgs = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
+    eager = train(make_cfg(tmp_path, "eager", compile=False), EMAToy(), ToyData())
+    assert fell_back.losses == eager.losses
+
+
+def test_compile_default_is_off_on_cpu(tmp_path):
+    assert make_cfg(tmp_path).train.compile is None
+    trainer = Trainer(make_cfg(tmp_path), EMAToy(), ToyData())
+    assert trainer.compile_pending is False and trainer.model is trainer.eager_model

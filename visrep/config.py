@@ -90,7 +90,9 @@ class TrainConfig:
     ckpt_every: int = 500            # steps; a checkpoint is also written at the end
     log_every: int = 10
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: bool | None = None      # torch.compile the step; None: on for CUDA, off on CPU (measured: no
+                                     # gain there after minutes of compiling); falls back to eager on failure
+    compile_backend: str = "inductor"
     device: str = "auto"
     online_knn: bool = False         # k-NN on a held-out subset every epoch
     online_knn_samples: int = 5000

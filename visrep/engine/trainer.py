@@ -139,8 +139,10 @@ class Trainer:
                     else {"broadcast_buffers": False})
             opts.update(method.ddp_options())
             self.model = DDP(method, device_ids=ids, **opts)
-        if tc.compile:
-            self.model = torch.compile(self.model)
+        self.eager_model = self.model
+        self.compile_pending = tc.compile if tc.compile is not None else self.device.type == "cuda"
+        if self.compile_pending:
+            self.model = torch.compile(self.model, backend=tc.compile_backend)
         self.optimizer = build_optimizer(method.param_groups(), cfg.optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.knn = (OnlineKNN(train_data, eval_data, tc.online_knn_samples, tc.seed, cfg.eval.knn_k,
@@ -288,6 +290,21 @@ class Trainer:
         return Step(step=step, epoch=step // self.steps_per_epoch, total_steps=self.horizon,
                     steps_per_epoch=self.steps_per_epoch, lr=self.lr_schedule(step), wd=self.wd_schedule(step))
 
+    def _forward(self, batch: dict, info: Step) -> dict:
+        """The method's step; a compiled model that fails to compile on its first call (no C++
+        compiler, an unsupported op) falls back to eager with one warning."""
+        if not self.compile_pending:
+            return self.model(batch, info)
+        self.compile_pending = False
+        try:
+            return self.model(batch, info)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure; a genuine error re-raises in eager
+            why = " ".join(str(e).split())[:300]
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {why}); "
+                          "training continues in eager mode (train.compile=false silences this)", stacklevel=2)
+            self.model = self.eager_model
+            return self.model(batch, info)
+
     def _train_step(self, batch: dict, info: Step, optimizer: torch.optim.Optimizer,
                     should_stop=lambda: False) -> tuple[list[str], Tensor, bool]:
         """Forward, backward, finite check, hooks, clip, optimizer step.
@@ -297,7 +314,7 @@ class Trainer:
         finite check and the stop flag are the step's one host synchronisation.
         """
         with self.autocast():
-            out = self.model(batch, info)
+            out = self._forward(batch, info)
         if "loss" not in out:
             raise KeyError(f"training_step must return a dict with a 'loss' entry, got keys {sorted(out)}")
         out["loss"].backward()
