@@ -286,9 +286,28 @@ def test_calibrate_total_steps_fits_the_budget(tmp_path):
     for k, v in params(m).items():  # weights restored after timing
         assert torch.equal(v, before[k]), k
     res = trainer.fit()
-    assert res.total_steps == n and res.step <= n
-    # a resumed run keeps the calibrated horizon
+    assert res.step <= res.total_steps
+    # a resumed run keeps the calibrated (and re-fitted) horizon
     assert load_checkpoint(res.checkpoint)["explicit_total_steps"] is True
+    assert load_checkpoint(res.checkpoint)["total_steps"] == res.total_steps
+
+
+def test_refit_horizon_uses_the_measured_pace(tmp_path):
+    trainer = Trainer(make_cfg(tmp_path, epochs=1000), EMAToy(), ToyData())
+    trainer.set_total_steps(100)
+    assert trainer._refit_horizon(step=10, start_step=0, run_seconds=1.0, remaining=9.0) is None  # too early
+    # 50 steps in 5 s, 10 s left: 0.99 * 100 more steps
+    assert trainer._refit_horizon(step=50, start_step=0, run_seconds=5.0, remaining=10.0) == 50 + 99
+    assert trainer._refit_horizon(step=50, start_step=0, run_seconds=10.0, remaining=10.1) is None  # < 1 %
+
+
+def test_a_pessimistic_calibration_is_corrected_during_the_run(tmp_path):
+    cfg = make_cfg(tmp_path, epochs=1000, max_minutes=1.0 / 60)
+    trainer = Trainer(cfg, SlowToy(dropout=0.0), ToyData())
+    n = trainer.calibrate_total_steps(warmup_steps=1, measure_steps=3, safety=0.4)
+    res = trainer.fit()
+    assert res.total_steps > n  # the horizon grew to what the budget allows
+    assert trainer.lr_schedule.T_max == res.total_steps
 
 
 # ------------------------------------------------------------------------------------------------

@@ -270,8 +270,11 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
     random_init = method.random_init_baseline()
     notes = [
         f"{cfg.method.name} {cfg.model.embed_dim}-d x {cfg.model.depth} ViT, patch {cfg.model.patch_size}, "
-        f"{result.step} steps x {cfg.train.batch_size} images in {train_minutes:.1f} min "
-        f"({result.images_per_sec:.0f} img/s, stopped by {result.stopped_by})",
+        f"{result.step} steps x {cfg.train.batch_size} images ({result.images_per_sec:.0f} img/s, "
+        f"stopped by {result.stopped_by}, schedules fitted to {result.total_steps} steps)",
+        f"the {minutes:g}-minute budget: training {result.elapsed / 60:.2f} min, step-time calibration "
+        f"{result.calibration_seconds:.0f} s (not counted in the budget), set-up (data, model) "
+        f"{max(0.0, train_minutes * 60 - result.elapsed - result.calibration_seconds):.0f} s; evaluation follows",
         f"features: {method.feature_description}; random init: same architecture, untrained; "
         "raw pixels: the 784 pixel values in [0, 1]",
     ]

@@ -50,6 +50,12 @@ class MetricLogger:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                              mininterval=1.0)
 
+    def set_total(self, total: int) -> None:
+        """The run length changed (a time-budgeted run re-fitted its horizon)."""
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def truncate_after(self, step: int) -> None:
         """Drop JSONL lines with ``step > step`` (left by a run that crashed after its last checkpoint)."""
         if not self.enabled or not self.path.is_file():

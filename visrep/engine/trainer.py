@@ -80,6 +80,7 @@ class TrainResult:
     knn: list[dict] = field(default_factory=list)       # online k-NN results
     images_per_sec: float = 0.0            # global throughput of this call
     elapsed: float = 0.0                   # seconds of training, including before a resume
+    calibration_seconds: float = 0.0       # timing the step before a time-budgeted run (not in elapsed)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -147,6 +148,8 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.knn = (OnlineKNN(train_data, eval_data, tc.online_knn_samples, tc.seed, cfg.eval.knn_k,
                               cfg.eval.knn_temperature, cfg.eval.batch_size) if tc.online_knn else None)
+        self.refit_to_budget = False   # set by calibrate_total_steps: re-fit the horizon during the run
+        self.calibration_seconds = 0.0
         self.set_total_steps(total_steps)
 
     # -- data streams ----------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class Trainer:
         minutes = minutes if minutes is not None else self.cfg.train.max_minutes
         if not minutes or minutes <= 0:
             raise ValueError("calibrate_total_steps needs a time budget (minutes or train.max_minutes)")
+        t_cal = time.perf_counter()
         weights = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
         rng = rng_state()
         optimizer = build_optimizer(self.method.param_groups(), self.cfg.optim)
@@ -278,8 +282,23 @@ class Trainer:
             del optimizer
         steps = max(1, int(safety * minutes * 60.0 / max(seconds, 1e-9)))
         self.seconds_per_step = seconds
+        self.calibration_seconds = time.perf_counter() - t_cal
+        self.refit_to_budget = True
         self.set_total_steps(steps)
         return steps
+
+    def _refit_horizon(self, step: int, start_step: int, run_seconds: float, remaining: float) -> int | None:
+        """A time-budgeted run's new length from the throughput measured so far (None: keep it).
+
+        The warm-up estimate is conservative (``safety``) and the machine's speed drifts, so the
+        horizon is re-fitted during the run: the steps still to do are what the remaining time allows
+        at the average pace since the start (checkpoints and logging included), less 1 % kept for the
+        final checkpoint. Changes under 1 % are ignored so that the schedules do not jitter."""
+        done = step - start_step
+        if done < 20 or run_seconds <= 0:
+            return None
+        new_total = step + max(1, int(0.99 * remaining * done / run_seconds))
+        return new_total if abs(new_total - self.total_steps) > 0.01 * self.total_steps else None
 
     # -- one step --------------------------------------------------------------------------------
     @property
@@ -454,6 +473,15 @@ class Trainer:
                     result.history.append(record)
                     del history[:-HISTORY_TAIL]
                     t_log, step_log, pending = now, step, []
+                    if self.refit_to_budget and budget < math.inf and not stop_requested:
+                        new_total = self._refit_horizon(step, result.start_step, now - t_start, budget - elapsed())
+                        new_total = D.broadcast_object(new_total)  # every process keeps the same schedule
+                        if new_total is not None:
+                            self.set_total_steps(new_total)
+                            self.explicit_total = True
+                            stop_at = new_total if tc.max_steps is None else min(new_total, tc.max_steps)
+                            result.total_steps = self.total_steps
+                            logger.set_total(stop_at)
                 logger.advance()
 
                 if self.knn is not None and step % self.steps_per_epoch == 0:
@@ -482,6 +510,7 @@ class Trainer:
         result.checkpoint = self.last_good
         result.images_per_sec = images_per_step * (step - result.start_step) / max(run_time, 1e-9)
         result.elapsed = elapsed()
+        result.calibration_seconds = self.calibration_seconds
         return result
 
 
