@@ -128,8 +128,10 @@ def koleo_loss(x: Tensor, eps: float = 1e-8, group=False) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn_teacher(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3, group=None) -> Tensor:
-    """Sinkhorn-Knopp targets ``[B, K]`` from teacher logits (float32, rows sum to one)."""
-    return sinkhorn_logits(teacher_logits.float() / teacher_temp, n_iters, group=group)
+    """Sinkhorn-Knopp targets ``[B, K]`` from teacher logits (float32, or float64 for float64 input;
+    rows sum to one)."""
+    x = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
+    return sinkhorn_logits(x / teacher_temp, n_iters, group=group)
 
 
 class Centering(nn.Module):
