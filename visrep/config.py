@@ -31,6 +31,7 @@ class DataConfig:
     pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
     train_subset: int | None = None  # use only the first N training images (quick runs)
+    subset_file: str | None = None   # train on the listed images only (indices or paths; `visrep curate`)
 
 
 @dataclass
