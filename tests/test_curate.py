@@ -2,19 +2,16 @@
 file list read back by the data layer."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("faiss")
 
+from test_learning import needs_fmnist  # noqa: E402
+
 from visrep.curate import balanced_sample, curate, curate_embeddings, read_file_list, write_file_list  # noqa: E402
 from visrep.runner import raw_pixel_features  # noqa: E402
-
-needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
 def _skewed_with_duplicates():

@@ -2,19 +2,16 @@
 crops) on 2 processes, parameter groups, schedules, the loss normalisation and distillation."""
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_contract import _as64, _one_step, _shard, build, state, tiny_config
+from test_contract import _one_step, _prepared, _worker, build, state, tiny_config
 
 from visrep.config import ConfigError
 from visrep.methods import Step
 
-B = 4
 VARIANTS = {
     "sinkhorn_separate_head": ["method.centering=sinkhorn_knopp", "method.ibot_separate_head=true",
                                "method.ibot_n_prototypes=48", "method.ibot_hidden_dim=32",
@@ -23,40 +20,13 @@ VARIANTS = {
 }
 
 
-def _prepared(overrides, out_dir):
-    from visrep.engine.trainer import Trainer
-
-    cfg = tiny_config("dinov2", out_dir, f"train.batch_size={2 * B}", *overrides)
-    method, ds = build(cfg)
-    batches = Trainer(cfg, method, ds)._batches(0)
-    batch = _as64(next(batches))
-    batches.close()
-    return cfg, method.double(), ds, batch
-
-
-def _worker(rank: int, world: int, port: int, variant: str, out_dir: str) -> None:
-    from visrep import distributed as D
-
-    torch.set_num_threads(1)
-    try:
-        cfg, method, ds, batch = _prepared(VARIANTS[variant], out_dir)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        D.init_distributed("gloo")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=B))
-        loss, params = _one_step(cfg, method, ds, _shard(batch, rank, world, 2 * B))
-        torch.save({"loss": loss, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        D.cleanup()
-
-
 @pytest.mark.ddp
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variants_two_processes_equal_one(variant, tmp_path, free_port):
-    cfg, method, ds, batch = _prepared(VARIANTS[variant], tmp_path)
+    cfg, method, ds, batch = _prepared("dinov2", tmp_path, VARIANTS[variant])
     loss, params = _one_step(cfg, method, ds, batch)
-    mp.start_processes(_worker, args=(2, free_port, variant, str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port, "dinov2", str(tmp_path), tuple(VARIANTS[variant])), nprocs=2,
+                       join=True, start_method="fork")
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert out["loss"] == pytest.approx(loss, rel=1e-10, abs=1e-12)
