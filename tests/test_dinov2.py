@@ -118,3 +118,18 @@ def test_distillation_from_frozen_teacher(tmp_path):
     assert student.eval_module() is student.student_ema["backbone"]
     assert student.features(ds.tensors()[0][:3]).shape == (3, cfg.model.embed_dim)
     assert state(student).keys() >= {"teacher.backbone.pos_embed", "student_ema.backbone.pos_embed"}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    grads = {}
+    for flag in (False, True):
+        cfg = tiny_config("dinov2", tmp_path, f"method.activation_checkpointing={flag}", "model.drop_path_rate=0.2")
+        method, ds = build(cfg)
+        batch = method.prepare_batch({"image": ds.tensors()[0][:4], "label": torch.zeros(4, dtype=torch.long)},
+                                     torch.Generator().manual_seed(0))
+        torch.manual_seed(1)  # drop path draws from the global RNG
+        _step(method, batch)["loss"].backward()
+        grads[flag] = {k: p.grad.clone() for k, p in method.student.named_parameters() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys()
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7, msg=k)

@@ -108,6 +108,7 @@ class DINOv2Config:
     patch_embed_lr_mult: float = 0.2
     clip_grad: float | None = 3.0           # per student module (backbone, heads), as the official code
     drop_path_uniform: bool = True
+    activation_checkpointing: bool = False  # recompute the student's blocks in backward (memory for time)
     # distillation
     teacher_checkpoint: str | None = None   # a visrep DINOv2 checkpoint: frozen teacher, EMA student evaluated
 
@@ -131,6 +132,28 @@ def official_init_(backbone: nn.Module) -> None:
     if backbone.mask_token is not None:
         nn.init.zeros_(backbone.mask_token)
     backbone.patch_embed.proj.reset_parameters()
+
+
+def checkpoint_block_(block: nn.Module) -> None:
+    """Activation checkpointing for one block (in place, state-dict keys unchanged): when gradients
+    are enabled its activations are recomputed in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``, RNG state preserved, so drop-path draws are replayed exactly)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from visrep.models.vit import attention_backend
+
+    forward = block.forward
+
+    def run(x, *args, **kwargs):  # the recomputation must use the forward's attention kernel
+        with attention_backend(x):
+            return forward(x, *args, **kwargs)
+
+    def checkpointed(x, *args, **kwargs):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(run, x, *args, use_reentrant=False, **kwargs)
+        return forward(x, *args, **kwargs)
+
+    block.forward = checkpointed
 
 
 def vit_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
@@ -203,6 +226,9 @@ class DINOv2(Method):
             if module is not None:
                 for blk in module["backbone"].blocks:
                     blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
+        if m.activation_checkpointing:  # after the copies above: only the student recomputes
+            for blk in backbone.blocks:
+                checkpoint_block_(blk)
         k_dino = self.teacher["dino_head"].arch["out_dim"]
         k_ibot = self.teacher["ibot_head"].arch["out_dim"] if "ibot_head" in self.teacher else k_dino
         self.dino_center = Centering(k_dino, m.center_momentum)
