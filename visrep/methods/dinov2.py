@@ -34,6 +34,10 @@ Follows the released code (see ``../shared/reference/methods.md`` section 7), wi
   (``optim.lr_batch_ref: 1024``, ``optim.lr_batch_scaling: sqrt``) scales the whole schedule, so
   ``final_lr`` is scaled too (official: only the peak). "Epochs" of the teacher temperature
   warm-up and the last-layer freeze are ``epoch_length`` iterations (official: 1250).
+* **Large models**: DDP only. FSDP2 (``fully_shard``) is not wired in yet: the engine wraps every
+  method in DDP, and sharding the student (per block, then the heads) plus the EMA teacher needs the
+  engine's help (sharded checkpoints, ``DTensor`` EMA updates); ``activation_checkpointing`` trades
+  compute for activation memory on the student's blocks meanwhile.
 * **Distillation** (``teacher_checkpoint``): the teacher (backbone and heads) is loaded from a
   visrep DINOv2 checkpoint and frozen; an EMA of the student (``student_ema``) is the model that is
   evaluated and exported (paper section 5; the repository has no distillation code). Masking,
@@ -231,6 +235,12 @@ class DINOv2(Method):
                 checkpoint_block_(blk)
         k_dino = self.teacher["dino_head"].arch["out_dim"]
         k_ibot = self.teacher["ibot_head"].arch["out_dim"] if "ibot_head" in self.teacher else k_dino
+        if self.distill:
+            s_ibot = self.student["ibot_head" if "ibot_head" in self.student else "dino_head"].arch["out_dim"]
+            if self.do_ibot and (s_ibot != k_ibot or tuple(self.teacher["backbone"].grid) != tuple(backbone.grid)):
+                raise ValueError("distillation with iBOT needs the teacher's patch grid and iBOT prototypes "
+                                 f"(grid {tuple(self.teacher['backbone'].grid)}, {k_ibot} prototypes); the student "
+                                 f"has grid {tuple(backbone.grid)}, {s_ibot} prototypes")
         self.dino_center = Centering(k_dino, m.center_momentum)
         self.ibot_center = Centering(k_ibot, m.center_momentum)
         grid = backbone.grid
