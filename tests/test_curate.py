@@ -89,3 +89,15 @@ def test_subset_file_is_read_by_the_data_layer(tmp_path):
                     "train")
     assert len(ds) == 3
     assert torch.equal(ds.tensors()[0], full.tensors()[0][[5, 2, 9]])
+
+
+def test_curate_cli_writes_a_file_list(tmp_path, capsys):
+    from visrep.cli import main
+
+    out = tmp_path / "list.txt"
+    assert main(["curate", "raw", "--out", str(out), "--dedup", "0.999", "--size", "40", "--clusters", "4",
+                 "--set", "data.name=procedural", "data.image_size=8", "data.train_subset=200"]) == 0
+    printed = capsys.readouterr().out
+    assert "deduplicated" in printed and "balanced" in printed
+    indices = read_file_list(out)
+    assert len(indices) == 40 and len(set(indices)) == 40 and max(indices) < 200

@@ -206,6 +206,7 @@ def curate_checkpoint(checkpoint: str, out: str, *, overrides=(), seeds_file: st
     ``features`` (``checkpoint="raw"`` with ``--set data.name=...``: raw pixels), curate, write the list."""
     from visrep.runner import eval_images, load_split, load_trained, raw_pixel_features, uint8_eval_transform
 
+    overrides = ["data.subset_file=null", *overrides]  # indices refer to the whole training split
     if checkpoint == "raw":
         cfg = data_only_config(overrides)
         encoder = raw_pixel_features
