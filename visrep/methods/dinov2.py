@@ -219,6 +219,7 @@ class DINOv2(Method):
         self.student = nn.ModuleDict({"backbone": backbone, **build_heads(m, mc.embed_dim)})
         self.distill = m.teacher_checkpoint is not None
         if self.distill:
+            self.feature_description = "DINOv2 distillation: the student EMA backbone's final-normed [CLS] token"
             self.teacher = load_teacher(m.teacher_checkpoint, self.data_info)
             self.student_ema = make_target(self.student)
             if self.teacher["dino_head"].arch["out_dim"] != m.head_n_prototypes:
