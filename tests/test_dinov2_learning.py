@@ -4,6 +4,8 @@ k-NN (same run, same subsets, same protocol).
 Note: with the official init the random-init [CLS] token is nearly constant (cls token N(0, 1e-6),
 LayerScale 1e-5), so the random-init k-NN is near chance (10-15 %); the test also asks for an
 absolute k-NN floor so that it is not passed by any non-constant feature.
+Measured here (k-NN@20, 10k/5k subsets, 1 thread): 150 steps 66.4 vs 10.5 (57 s of CPU time);
+200 steps 69.8.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from test_learning import needs_fmnist
 
 from visrep.cli import resolve_config
 
-STEPS = 200
+STEPS = 150
 
 
 @pytest.mark.slow
