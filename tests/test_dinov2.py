@@ -133,3 +133,28 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     assert grads[False].keys() == grads[True].keys()
     for k in grads[False]:
         torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_batch_subset_drop_path_matches_the_official_rule():
+    from timm.models.vision_transformer import Block
+
+    from visrep.methods.dinov2 import batch_subset_drop_path_
+
+    torch.manual_seed(0)
+    blk = Block(16, 2, init_values=0.5)
+    x = torch.randn(5, 3, 16)
+    want_eval = blk(x)
+    batch_subset_drop_path_(blk, 0.4)
+    blk.eval()
+    torch.testing.assert_close(blk(x), want_eval)
+    blk.train()
+    torch.manual_seed(7)
+    got = blk(x)
+    torch.manual_seed(7)  # by hand: 3 of 5 samples per branch, residuals scaled by 5 / 3
+    i1 = torch.randperm(5)[:3]
+    y = x.clone()
+    y[i1] += 5 / 3 * blk.ls1(blk.attn(blk.norm1(x[i1])))
+    i2 = torch.randperm(5)[:3]
+    z = y.clone()
+    z[i2] += 5 / 3 * blk.ls2(blk.mlp(blk.norm2(y[i2])))
+    torch.testing.assert_close(got, z)

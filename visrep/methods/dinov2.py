@@ -27,8 +27,10 @@ Follows the released code (see ``../shared/reference/methods.md`` section 7), wi
 * **Centres** are means over every process's rows (the official patch centre averages per-GPU
   means; equal on one process). The update is recorded in buffers and applied at the next step,
   exactly as the official asynchronous all-reduce.
-* **Drop path**: a uniform rate (``drop_path_uniform``, official) with timm's per-sample DropPath,
-  not the official batch-subset implementation (same expectation); the teacher has none.
+* **Drop path**: a uniform rate (``drop_path_uniform``, official); as the official block, rates above
+  0.1 run each residual branch on a random subset of ``max(int(b (1 - p)), 1)`` samples scaled by
+  ``b / subset`` (``drop_path_mode=batch_subset``), lower rates use per-sample DropPath; the
+  teacher has none. The subsets come from torch's global RNG (as the official code).
 * **Schedules**: the lr / wd schedules are the engine's (linear warmup from ``optim.start_lr``,
   cosine to ``optim.final_lr``; wd cosine 0.04 -> 0.4); the sqrt batch scaling
   (``optim.lr_batch_ref: 1024``, ``optim.lr_batch_scaling: sqrt``) scales the whole schedule, so
@@ -112,6 +114,7 @@ class DINOv2Config:
     patch_embed_lr_mult: float = 0.2
     clip_grad: float | None = 3.0           # per student module (backbone, heads), as the official code
     drop_path_uniform: bool = True
+    drop_path_mode: Literal["batch_subset", "per_sample"] = "batch_subset"  # official: batch subset if rate > 0.1
     activation_checkpointing: bool = False  # recompute the student's blocks in backward (memory for time)
     # distillation
     teacher_checkpoint: str | None = None   # a visrep DINOv2 checkpoint: frozen teacher, EMA student evaluated
@@ -136,6 +139,35 @@ def official_init_(backbone: nn.Module) -> None:
     if backbone.mask_token is not None:
         nn.init.zeros_(backbone.mask_token)
     backbone.patch_embed.proj.reset_parameters()
+
+
+def _add_subset_residual(x: Tensor, branch, p: float) -> Tensor:
+    """``drop_add_residual_stochastic_depth``: ``branch`` on a random subset of the batch, added back
+    with the scale ``b / subset``."""
+    b = x.shape[0]
+    keep = max(int(b * (1 - p)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    residual = branch(x[idx])
+    return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=b / keep).view_as(x)
+
+
+def batch_subset_drop_path_(block: nn.Module, p: float) -> None:
+    """Official DINOv2 stochastic depth for a timm ``Block`` (in place, keys unchanged): in training
+    each residual branch runs on a random subset of the samples; in eval the block is unchanged."""
+    forward = block.forward
+
+    def attn_branch(x):
+        return block.ls1(block.attn(block.norm1(x)))
+
+    def mlp_branch(x):
+        return block.ls2(block.mlp(block.norm2(x)))
+
+    def subset_forward(x, *args, **kwargs):
+        if not block.training or args or kwargs:
+            return forward(x, *args, **kwargs)
+        return _add_subset_residual(_add_subset_residual(x, attn_branch, p), mlp_branch, p)
+
+    block.forward = subset_forward
 
 
 def checkpoint_block_(block: nn.Module) -> None:
@@ -215,7 +247,10 @@ class DINOv2(Method):
             rates = ([mc.drop_path_rate] * mc.depth if m.drop_path_uniform
                      else torch.linspace(0, mc.drop_path_rate, mc.depth).tolist())
             for blk, p in zip(backbone.blocks, rates):
-                blk.drop_path1, blk.drop_path2 = DropPath(p), DropPath(p)
+                if p > 0.1 and m.drop_path_mode == "batch_subset":
+                    batch_subset_drop_path_(blk, p)
+                else:
+                    blk.drop_path1, blk.drop_path2 = DropPath(p), DropPath(p)
         self.student = nn.ModuleDict({"backbone": backbone, **build_heads(m, mc.embed_dim)})
         self.distill = m.teacher_checkpoint is not None
         if self.distill:
