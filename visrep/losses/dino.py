@@ -159,13 +159,15 @@ class Centering(nn.Module):
     def softmax(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """``softmax((t - c) / T)`` after folding in the pending update (``softmax_center_teacher``)."""
         self.apply_pending()
-        return F.softmax((teacher_logits - self.center.to(teacher_logits.dtype)) / teacher_temp, dim=-1)
+        t = teacher_logits.to(torch.promote_types(teacher_logits.dtype, self.center.dtype))  # bf16 -> fp32
+        return F.softmax((t - self.center.to(t.dtype)) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: Tensor, group=None) -> None:
         """Record the mean of ``teacher_logits`` ``[..., K]`` over every row of every process; folded
         in at the next :meth:`softmax` (``update_center``)."""
         rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # sums in fp32 at least
         stats = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])
         stats = all_reduce(stats, "sum", group)
         self.pending.copy_((stats[:-1] / stats[-1].clamp(min=1)).unsqueeze(0))

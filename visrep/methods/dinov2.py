@@ -389,7 +389,7 @@ class DINOv2(Method):
             losses["koleo_loss"] = m.koleo_loss_weight * sum(koleo_loss(c, group=group) for c in cls_g.chunk(2))
             total = total + losses["koleo_loss"]
         if self.do_ibot:
-            weights = ibot_mask_weights(masks).to(s_patch.dtype)
+            weights = ibot_mask_weights(masks).to(torch.promote_types(s_patch.dtype, torch.float32))
             losses["ibot_loss"] = ibot_loss(s_patch, p_patch, masks, m.student_temp, weights=weights)
             total = total + m.ibot_loss_weight * losses["ibot_loss"]
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
