@@ -124,12 +124,12 @@ def _one_step(cfg, method, ds, batch) -> tuple[float, dict]:
     return float(vals[names.index("loss")]), state(method)
 
 
-def _prepared(name: str, out_dir):
+def _prepared(name: str, out_dir, overrides=()):
     """The method (float64) and the first prepared batch of 2B images (every stream), identical in
-    every process (built before the process group exists)."""
+    every process (built before the process group exists). ``overrides``: config overrides (variants)."""
     from visrep.engine.trainer import Trainer
 
-    cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}")
+    cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}", *overrides)
     method, ds = build(cfg)
     batches = Trainer(cfg, method, ds)._batches(0)
     batch = _as64(next(batches))
@@ -137,14 +137,14 @@ def _prepared(name: str, out_dir):
     return cfg, method.double(), ds, batch
 
 
-def _worker(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, name: str, out_dir: str, overrides=()) -> None:
     import dataclasses
 
     from visrep import distributed as D
 
     torch.set_num_threads(1)
     try:
-        cfg, method, ds, batch = _prepared(name, out_dir)  # as one process: the same 2B batch everywhere
+        cfg, method, ds, batch = _prepared(name, out_dir, overrides)  # as one process: the same 2B batch
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         D.init_distributed("gloo")

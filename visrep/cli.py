@@ -1,4 +1,4 @@
-"""Command line: ``visrep pretrain | eval | export | demo``.
+"""Command line: ``visrep pretrain | eval | export | demo | curate``.
 
     visrep pretrain configs/ijepa/fashion_mnist_vit_tiny.yaml train.epochs=20 optim.lr=5e-4
     torchrun --nproc-per-node 8 -m visrep pretrain configs/ijepa/imagenet_vit_h14.yaml
@@ -47,6 +47,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_curate(args) -> int:
+    from visrep.curate import curate_checkpoint
+
+    result = curate_checkpoint(args.checkpoint, args.out, overrides=args.overrides, seeds_file=args.seeds,
+                               dedup_threshold=None if args.dedup <= 0 else args.dedup, retrieval_k=args.retrieval_k,
+                               size=args.size, n_clusters=args.clusters, levels=args.levels, seed=args.seed)
+    print(result.report())
+    print(f"wrote {len(result.indices)} entries to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visrep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("overrides", nargs="*", help="config overrides for the demo recipe")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("curate", help="deduplicate / retrieve / cluster-balance a training set; write a file list "
+                                      "for data.subset_file")
+    p.add_argument("checkpoint", help="training checkpoint whose method embeds the images, or 'raw' (pixels)")
+    p.add_argument("--out", required=True, help="file list to write (one dataset index or path per line)")
+    p.add_argument("--dedup", type=float, default=0.95, help="cosine threshold of near duplicates (<= 0: off)")
+    p.add_argument("--seeds", default=None, help="file list of curated seed images: keep their neighbours")
+    p.add_argument("--retrieval-k", type=int, default=100, help="neighbours kept per seed image")
+    p.add_argument("--size", type=int, default=None, help="images to keep, balanced over k-means clusters")
+    p.add_argument("--clusters", type=int, default=100, help="k-means clusters for the balanced sampling")
+    p.add_argument("--levels", type=int, default=1, choices=(1, 2), help="2: hierarchical k-means")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], help="config overrides, e.g. data.root=...")
+    p.set_defaults(func=cmd_curate)
     return parser
 
 

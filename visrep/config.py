@@ -31,6 +31,7 @@ class DataConfig:
     pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
     train_subset: int | None = None  # use only the first N training images (quick runs)
+    subset_file: str | None = None   # train on the listed images only (indices or paths; `visrep curate`)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class OptimConfig:
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
     clip_grad: float | None = None
-    lr_batch_ref: int | None = None  # lr is given for this global batch size; scaled linearly
+    lr_batch_ref: int | None = None  # lr is given for this global batch size; scaled with the rule below
+    lr_batch_scaling: Literal["linear", "sqrt"] = "linear"  # x (batch / ref), or x sqrt(batch / ref) (DINOv2)
     # critical-gradient optimizers (optim.name ends with _c)
     topc: int = 10
     decay: float = 0.7

@@ -24,17 +24,24 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ijepa" / "fashion_m
 def load_split(cfg: Config, split: str, transform=None):
     kw = {"image_size": cfg.data.image_size} if cfg.data.name == "procedural" else {}  # generated at any size
     ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform, **kw)
+    if split == "train" and getattr(cfg.data, "subset_file", None):  # a curated file list (visrep curate)
+        from visrep.curate import read_file_list
+
+        names = [str(s[0]) for s in ds.samples] if hasattr(ds, "samples") else None
+        ds = _subset(ds, read_file_list(cfg.data.subset_file, names))
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
     return ds
 
 
-def _subset(ds, n: int):
+def _subset(ds, n: int | list[int]):
+    """The first ``n`` items of ``ds``, or the items at the listed indices."""
     from visrep.data.datasets import TensorImageDataset
 
     if hasattr(ds, "tensors"):
         images, labels = ds.tensors()
-        sub = TensorImageDataset(images[:n], labels[:n], transform=getattr(ds, "transform", None))
+        idx = slice(0, n) if isinstance(n, int) else torch.as_tensor(n, dtype=torch.long)
+        sub = TensorImageDataset(images[idx], labels[idx], transform=getattr(ds, "transform", None))
         for attr in ("num_classes", "classes"):
             if hasattr(ds, attr):
                 setattr(sub, attr, getattr(ds, attr))
@@ -43,13 +50,14 @@ def _subset(ds, n: int):
 
 
 class _FirstN(torch.utils.data.Subset):
-    """The first ``n`` items of a file dataset; forwards what the dataset tells (classes, channels,
-    transform) and slices ``targets``."""
+    """The first ``n`` items (or the listed items) of a file dataset; forwards what the dataset tells
+    (classes, channels, transform) and selects ``targets``."""
 
-    def __init__(self, ds, n: int):
-        super().__init__(ds, range(min(n, len(ds))))
+    def __init__(self, ds, n: int | list[int]):
+        super().__init__(ds, range(min(n, len(ds))) if isinstance(n, int) else list(n))
         if hasattr(ds, "targets"):
-            self.targets = list(ds.targets)[:len(self)]
+            targets = list(ds.targets)
+            self.targets = [targets[i] for i in self.indices]
 
     def __getattr__(self, name):
         if name in ("num_classes", "classes", "in_chans", "transform", "captions"):

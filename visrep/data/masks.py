@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_WARNING = "Valid mask not found, decreasing acceptable-regions"
 
-__all__ = ["MultiBlockMaskCollator", "block_masks", "masks_to_indices", "FALLBACK_WARNING"]
+__all__ = ["IBOTMaskGenerator", "MultiBlockMaskCollator", "block_masks", "masks_to_indices", "FALLBACK_WARNING"]
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -370,3 +370,97 @@ class MultiBlockMaskCollator:
                 raise RuntimeError("MultiBlockMaskCollator: no valid mask with 1x1 targets")
             size = (h - 1, w) if h >= w and h > 1 else (h, w - 1)
             shrinks += 1
+
+
+# --------------------------------------------------------------------------------------------
+# iBOT / DINOv2 block-wise masks
+# --------------------------------------------------------------------------------------------
+class IBOTMaskGenerator:
+    """DINOv2's iBOT masks (``dinov2/data/masking.py:MaskingGenerator`` + the mask part of
+    ``dinov2/data/collate.py:collate_data_and_cast``), bit-exact with the official code for the same
+    ``random.Random`` state.
+
+    For a batch of ``n`` global crops: ``m = int(n * mask_probability)`` crops are masked; crop ``i``
+    of them requests ``int(N * U(r_i, r_{i+1}))`` patches with ``r = linspace(ratio_min, ratio_max, m + 1)``
+    (float32, stratified ratios); the other crops get empty masks; the list is shuffled. Each mask is
+    grown by BEiT blocks: area ``U(min_num_patches, remaining)`` (capped at ``max_num_patches``),
+    log-uniform aspect in ``(min_aspect, 1 / min_aspect)``, a block is kept if it adds between 1 and
+    ``remaining`` new patches; 10 failed tries stop the mask early (it may get fewer patches than
+    requested). ``max_num_patches=None``: the official training expression
+    ``0.5 * img // p * img // p``, i.e. ``floor(g / 2) * g`` on a ``g x g`` grid (not ``0.5 N`` for odd
+    ``g``; pass ``0.5 * N`` for the paper's value).
+
+    The block growth is a Python loop over each masked crop's few blocks (as the official collate);
+    it runs in ``prepare_batch`` on CPU, outside the model's hot path.
+    """
+
+    def __init__(self, grid: int | Sequence[int], ratio: tuple[float, float] = (0.1, 0.5),
+                 mask_probability: float = 0.5, max_num_patches: float | None = None,
+                 min_num_patches: int = 4, min_aspect: float = 0.3, max_aspect: float | None = None):
+        self.height, self.width = _pair(grid)
+        self.num_patches = self.height * self.width
+        if not 0 <= ratio[0] <= ratio[1] <= 1:
+            raise ValueError(f"mask ratio must satisfy 0 <= min <= max <= 1, got {ratio}")
+        if not 0 <= mask_probability <= 1:
+            raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.mask_probability = mask_probability
+        if max_num_patches is None:
+            max_num_patches = (self.height // 2) * self.width
+        self.max_num_patches = max_num_patches
+        self.min_num_patches = min_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+
+    def _block(self, mask: list[list[bool]], max_mask_patches: float, rng) -> int:
+        delta = 0
+        for _ in range(10):
+            target_area = rng.uniform(self.min_num_patches, max_mask_patches)
+            aspect = math.exp(rng.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < self.width and h < self.height:
+                top = rng.randint(0, self.height - h)
+                left = rng.randint(0, self.width - w)
+                rows = mask[top:top + h]
+                num_masked = sum(sum(r[left:left + w]) for r in rows)
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    for r in rows:
+                        delta += w - sum(r[left:left + w])
+                        r[left:left + w] = [True] * w
+                if delta > 0:
+                    break
+        return delta
+
+    def mask(self, num_masking_patches: int, rng) -> Tensor:
+        """One bool mask ``[H, W]`` with (at most) ``num_masking_patches`` patches (``MaskingGenerator``)."""
+        mask = [[False] * self.width for _ in range(self.height)]
+        count = 0
+        while count < num_masking_patches:
+            delta = self._block(mask, min(num_masking_patches - count, self.max_num_patches), rng)
+            if delta == 0:
+                break
+            count += delta
+        return torch.tensor(mask, dtype=torch.bool)
+
+    def sample(self, n: int, rng) -> dict[str, Any]:
+        """Masks for ``n`` global crops: ``masks`` bool ``[n, N]`` (row-major), ``indices`` (flat
+        indices into ``[n * N]``), ``weights`` (float32 ``1 / #masked in the image`` per masked patch)
+        and ``upperbound`` (the official bound on the number of masked patches)."""
+        n_masked = int(n * self.mask_probability)
+        probs = torch.linspace(*self.ratio, n_masked + 1)
+        masks, upperbound = [], 0
+        for i in range(n_masked):
+            lo, hi = probs[i], probs[i + 1]
+            masks.append(self.mask(int(self.num_patches * rng.uniform(lo, hi)), rng))
+            upperbound += int(self.num_patches * hi)
+        masks += [torch.zeros(self.height, self.width, dtype=torch.bool)] * (n - n_masked)
+        rng.shuffle(masks)
+        flat = torch.stack(masks).flatten(1) if masks else torch.zeros(0, self.num_patches, dtype=torch.bool)
+        return {"masks": flat, "indices": flat.flatten().nonzero().flatten(),
+                "weights": (1 / flat.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(flat)[flat],
+                "upperbound": upperbound}
+
+    def __repr__(self) -> str:
+        return (f"IBOTMaskGenerator(grid=({self.height}, {self.width}), ratio={self.ratio}, "
+                f"mask_probability={self.mask_probability}, max_num_patches={self.max_num_patches})")

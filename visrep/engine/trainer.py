@@ -236,8 +236,9 @@ class Trainer:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         oc = self.cfg.optim
         scale = 1.0
-        if oc.lr_batch_ref:  # linear scaling rule: the whole lr schedule scales with the global batch
+        if oc.lr_batch_ref:  # scaling rule: the whole lr schedule scales with the global batch
             scale = self.batch_size * self.world / oc.lr_batch_ref
+            scale = math.sqrt(scale) if oc.lr_batch_scaling == "sqrt" else scale
         self.lr_schedule, self.wd_schedule = build_schedules(
             _scaled_lr(oc, scale), self.steps_per_epoch, self.total_steps)
         self.horizon = schedule_horizon(self.total_steps, oc.ipe_scale)

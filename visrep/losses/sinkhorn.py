@@ -46,7 +46,10 @@ def sinkhorn(weights: torch.Tensor, n_iters: int = 3, marginal: torch.Tensor | N
 
 def _logsumexp(x: torch.Tensor, dim: int | None, group, across: bool) -> torch.Tensor:
     """log-sum-exp over ``dim`` (all elements if None), also over processes when ``across``."""
-    m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    if x.numel():
+        m = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    else:  # no rows on this process (e.g. no masked patch): it still joins the collectives
+        m = x.new_full(() if dim is None else [1 if d == dim else n for d, n in enumerate(x.shape)], -math.inf)
     if across:
         m = all_reduce(m, "max", group)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -60,11 +63,16 @@ def _logsumexp(x: torch.Tensor, dim: int | None, group, across: bool) -> torch.T
 @torch.no_grad()
 def sinkhorn_logits(logits: torch.Tensor, n_iters: int = 3, marginal: torch.Tensor | None = None,
                     group=None) -> torch.Tensor:
-    """``sinkhorn(exp(logits))``, run in the log domain in float32: the same iteration, but finite
-    for logits whose exponentials overflow or whose prototype rows underflow to zero."""
-    lq = logits.float().t()  # [K, B]
+    """``sinkhorn(exp(logits))``, run in the log domain in float32 (float64 inputs stay float64):
+    the same iteration, but finite for logits whose exponentials overflow or whose prototype rows
+    underflow to zero. Processes may hold different numbers of samples (DINOv2's masked patches):
+    ``B`` is the total over the group, as the official iBOT Sinkhorn."""
+    lq = logits.to(torch.promote_types(logits.dtype, torch.float32)).t()  # [K, B]
     k, b_local = lq.shape
-    log_b = math.log(b_local * world_in(group))
+    b = b_local * world_in(group)
+    if world_in(group) > 1:
+        b = float(all_reduce(torch.tensor([float(b_local)], device=lq.device), "sum", group))
+    log_b = math.log(max(b, 1.0))
     log_row = (torch.full((k, 1), -math.log(k), device=lq.device) if marginal is None
                else marginal.float().to(lq.device).reshape(k, 1).log())
     lq = lq - _logsumexp(lq, None, group, across=True)

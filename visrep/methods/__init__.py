@@ -27,6 +27,7 @@ METHODS: dict[str, MethodEntry] = {
     "ijepa": MethodEntry("visrep.methods.ijepa", "IJEPAConfig", "IJEPA"),
     "stop": MethodEntry("visrep.methods.stop", "StoPConfig", "StoP"),
     "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
+    "dinov2": MethodEntry("visrep.methods.dinov2", "DINOv2Config", "DINOv2"),
 }
 
 
