@@ -123,8 +123,9 @@ def test_distillation_from_frozen_teacher(tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     grads = {}
     for flag in (False, True):
-        cfg = tiny_config("dinov2", tmp_path, f"method.activation_checkpointing={flag}", "model.drop_path_rate=0.2")
+        cfg = tiny_config("dinov2", tmp_path, f"model.grad_checkpointing={flag}", "model.drop_path_rate=0.2")
         method, ds = build(cfg)
+        assert method.student["backbone"].grad_checkpointing is flag
         batch = method.prepare_batch({"image": ds.tensors()[0][:4], "label": torch.zeros(4, dtype=torch.long)},
                                      torch.Generator().manual_seed(0))
         torch.manual_seed(1)  # drop path draws from the global RNG

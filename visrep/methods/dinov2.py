@@ -38,8 +38,8 @@ Follows the released code (see ``../shared/reference/methods.md`` section 7), wi
   warm-up and the last-layer freeze are ``epoch_length`` iterations (official: 1250).
 * **Large models**: DDP only. FSDP2 (``fully_shard``) is not wired in yet: the engine wraps every
   method in DDP, and sharding the student (per block, then the heads) plus the EMA teacher needs the
-  engine's help (sharded checkpoints, ``DTensor`` EMA updates); ``activation_checkpointing`` trades
-  compute for activation memory on the student's blocks meanwhile.
+  engine's help (sharded checkpoints, ``DTensor`` EMA updates); ``model.grad_checkpointing`` trades
+  compute for activation memory on the student's blocks meanwhile (the teacher runs without gradients).
 * **Distillation** (``teacher_checkpoint``): the teacher (backbone and heads) is loaded from a
   visrep DINOv2 checkpoint and frozen; an EMA of the student (``student_ema``) is the model that is
   evaluated and exported (paper section 5; the repository has no distillation code). Masking,
@@ -115,7 +115,6 @@ class DINOv2Config:
     clip_grad: float | None = 3.0           # per student module (backbone, heads), as the official code
     drop_path_uniform: bool = True
     drop_path_mode: Literal["batch_subset", "per_sample"] = "batch_subset"  # official: batch subset if rate > 0.1
-    activation_checkpointing: bool = False  # recompute the student's blocks in backward (memory for time)
     # distillation
     teacher_checkpoint: str | None = None   # a visrep DINOv2 checkpoint: frozen teacher, EMA student evaluated
 
@@ -168,28 +167,6 @@ def batch_subset_drop_path_(block: nn.Module, p: float) -> None:
         return _add_subset_residual(_add_subset_residual(x, attn_branch, p), mlp_branch, p)
 
     block.forward = subset_forward
-
-
-def checkpoint_block_(block: nn.Module) -> None:
-    """Activation checkpointing for one block (in place, state-dict keys unchanged): when gradients
-    are enabled its activations are recomputed in the backward pass (non-reentrant
-    ``torch.utils.checkpoint``, RNG state preserved, so drop-path draws are replayed exactly)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from visrep.models.vit import attention_backend
-
-    forward = block.forward
-
-    def run(x, *args, **kwargs):  # the recomputation must use the forward's attention kernel
-        with attention_backend(x):
-            return forward(x, *args, **kwargs)
-
-    def checkpointed(x, *args, **kwargs):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(run, x, *args, use_reentrant=False, **kwargs)
-        return forward(x, *args, **kwargs)
-
-    block.forward = checkpointed
 
 
 def vit_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
@@ -266,9 +243,6 @@ class DINOv2(Method):
             if module is not None:
                 for blk in module["backbone"].blocks:
                     blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
-        if m.activation_checkpointing:  # after the copies above: only the student recomputes
-            for blk in backbone.blocks:
-                checkpoint_block_(blk)
         k_dino = self.teacher["dino_head"].arch["out_dim"]
         k_ibot = self.teacher["ibot_head"].arch["out_dim"] if "ibot_head" in self.teacher else k_dino
         if self.distill:
