@@ -16,13 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from .models import HEADS_BY_DIM, Predictor, VisionTransformer
+from .models.text import TextTransformer
 from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
-           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE"]
+           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE", "clip_vit", "clip_vision_state",
+           "clip_text_state", "llip_state"]
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
-REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor}
+REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
+                                           "TextTransformer": TextTransformer}
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
 
 
@@ -90,6 +93,90 @@ def dinov2_vit(num_register_tokens: int = 0, init_values: float | None = 1e-5, *
 
 def ijepa_predictor(**kwargs) -> Predictor:
     return Predictor(**kwargs)
+
+
+def clip_vit(**kwargs) -> VisionTransformer:
+    """Our ViT configured as CLIP's / Llip's vision tower: learned positions (also for the [CLS] or
+    mixture tokens, ``register_pos``), ``ln_pre``, QuickGELU, bias-free patch conv, LN eps 1e-5."""
+    for k, v in dict(pos_embed="learned", pre_norm=True, act_layer="quick_gelu", patch_bias=False, norm_eps=1e-5,
+                     rescale_init=False, register_pos=kwargs.get("num_registers", 0) > 0).items():
+        kwargs.setdefault(k, v)
+    return VisionTransformer(**kwargs)
+
+
+# official CLIP / open_clip / Llip residual-block names -> ours (timm Block)
+_CLIP_BLOCK = (("ln_1.", "norm1."), ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+               ("attn.out_proj.", "attn.proj."), ("ln_2.", "norm2."), ("mlp.c_fc.", "mlp.fc1."),
+               ("mlp.c_proj.", "mlp.fc2."))
+
+
+def _clip_block_key(key: str) -> str:
+    rest = key[len("transformer.resblocks."):]
+    index, name = rest.split(".", 1)
+    for old, new in _CLIP_BLOCK:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    return f"blocks.{index}.{name}"
+
+
+def clip_vision_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """An official CLIP / open_clip / Llip ``visual.*`` state dict (prefix stripped) -> our ViT's keys
+    (for :func:`clip_vit`), and the tower's own output projection ``proj`` (None if absent).
+
+    A 1-D ``class_embedding`` (open_clip) becomes our ``cls_token``; Llip's 2-D ``[K, width]`` mixture
+    tokens become ``register_tokens`` (with ``register_pos``: their rows of the position table stay
+    theirs)."""
+    out, proj = {}, state.get("proj")
+    for k, v in state.items():
+        if k == "proj":
+            continue
+        if k == "conv1.weight":
+            out["patch_embed.proj.weight"] = v
+        elif k == "class_embedding":
+            out["cls_token" if v.dim() == 1 else "register_tokens"] = v.reshape(1, -1, v.shape[-1])
+        elif k == "positional_embedding":
+            out["pos_embed"] = v.unsqueeze(0)
+        elif k.startswith("ln_pre."):
+            out["norm_pre." + k[len("ln_pre."):]] = v
+        elif k.startswith("ln_post."):
+            out["norm." + k[len("ln_post."):]] = v
+        elif k.startswith("transformer.resblocks."):
+            out[_clip_block_key(k)] = v
+        else:
+            raise KeyError(f"unexpected key in a CLIP vision state dict: {k!r}")
+    return out, proj
+
+
+def clip_text_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official CLIP / open_clip text-tower keys (``token_embedding``, ``positional_embedding``,
+    ``transformer.resblocks.*``, ``ln_final``, ``text_projection``) -> :class:`TextTransformer`'s."""
+    return {(_clip_block_key(k) if k.startswith("transformer.resblocks.") else k): v for k, v in state.items()}
+
+
+_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_LLIP_MIXER = {"k_proj": "k_proj", "v_proj": "v_proj", "q_proj": "q_proj", "pred.out_proj": "out_proj"}
+
+
+def llip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An official Llip (``CMP``) state dict -> the keys of :class:`visrep.methods.llip.Llip`:
+    ``visual.*`` (our ViT), ``text.*`` (:class:`TextTransformer`), ``mixer.*`` (``k_proj``, ``v_proj``,
+    ``q_proj``, ``out_proj``, ``K_norm`` / ``Q_norm`` / ``V_norm``), ``logit_scale``, ``logit_bias``."""
+    state = strip_prefixes(state)
+    if "out_proj" in state and "pred.out_proj" not in state:  # the eval loader's rename
+        state = {("pred.out_proj" if k == "out_proj" else k): v for k, v in state.items()}
+    visual, _ = clip_vision_state({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    out = {f"visual.{k}": v for k, v in visual.items()}
+    out.update({f"text.{k}": v for k, v in clip_text_state(
+        {k: v for k, v in state.items() if k.startswith(_TEXT_KEYS)}).items()})
+    for k, v in state.items():
+        if k in _LLIP_MIXER:
+            out[f"mixer.{_LLIP_MIXER[k]}"] = v
+        elif k.split(".")[0] in ("K_norm", "Q_norm", "V_norm"):
+            out[f"mixer.{k}"] = v
+        elif k in ("logit_scale", "logit_bias"):
+            out[k] = v
+    return out
 
 
 def load_official(path: str | os.PathLike, which: str = "target_encoder", num_heads: int | None = None,

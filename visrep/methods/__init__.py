@@ -27,6 +27,9 @@ METHODS: dict[str, MethodEntry] = {
     "ijepa": MethodEntry("visrep.methods.ijepa", "IJEPAConfig", "IJEPA"),
     "stop": MethodEntry("visrep.methods.stop", "StoPConfig", "StoP"),
     "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
+    "clip": MethodEntry("visrep.methods.clip", "CLIPConfig", "CLIP"),
+    "siglip": MethodEntry("visrep.methods.clip", "SigLIPConfig", "SigLIP"),
+    "llip": MethodEntry("visrep.methods.llip", "LlipConfig", "Llip"),
 }
 
 
