@@ -26,6 +26,10 @@ def load_split(cfg: Config, split: str, transform=None):
     ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform, **kw)
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
+    if cfg.data.caption_templates:
+        from visrep.data.captions import TemplateCaptions
+
+        ds = TemplateCaptions(ds, cfg.data.caption_templates)
     return ds
 
 
@@ -170,7 +174,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
                         overrides: Sequence[str] = ()):
     method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
     protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
-    overrides = list(overrides) + [f"eval.protocols={','.join(protocols)}"]
+    overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]
     if data_root:
         overrides.append(f"data.root={data_root}")
     fns, notes, cfg, extra = {}, [], None, {}
@@ -182,7 +186,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
         notes.append(f"{name}: {method.feature_description}")
         for protocol in method_protocols:
             extra[(protocol, name)] = _method_protocol(protocol, method, c)
-            notes.append(f"{name}: {METHOD_PROTOCOLS[protocol][1]} = {extra[(protocol, name)]:.3f}")
+            notes.append(f"{name}: {METHOD_PROTOCOLS[protocol][1]} = {_format_protocol(extra[(protocol, name)])}")
     if include_raw:
         fns["raw pixels"] = raw_pixel_features
     out_dir = out_dir or str(Path(paths[0]).parent / "eval")
@@ -196,22 +200,51 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
 
 
 # protocols a method answers itself: name -> (capability, what the number is)
-METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR")}
+METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR"),
+                    "zeroshot": ("encode_text", "zero-shot classification (%)"),
+                    "retrieval": ("encode_text", "image-text retrieval recall (%)")}
 
 
-def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
-    capability, what = METHOD_PROTOCOLS[protocol]
-    if not hasattr(method, capability):
-        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
-                         f"{cfg.method.name} has none")
-    images = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
-                         cfg.data.image_size)[0]
+def _format_protocol(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
+    return f"{value:.3f}"
+
+
+def _test_images(cfg: Config, protocol: str):
+    ds = load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size))
+    images, labels = eval_images(ds, cfg.data.image_size)
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"protocol {protocol!r} needs an in-memory test set")
+    return ds, images, labels
+
+
+def _method_protocol(protocol: str, method: Method, cfg: Config):
+    capability, what = METHOD_PROTOCOLS[protocol]
+    if not (hasattr(method, capability) and (capability != "encode_text" or method.can(capability))):
+        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
+                         f"{cfg.method.name} has none")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method.to(device)
-    return getattr(method, capability)(images[:cfg.eval.mrr_samples], n_candidates=cfg.eval.mrr_candidates,
-                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+    ds, images, labels = _test_images(cfg, protocol)
+    n = cfg.eval.mrr_samples
+    if protocol == "mrr":
+        return method.world_model_mrr(images[:n], n_candidates=cfg.eval.mrr_candidates,
+                                      generator=torch.Generator().manual_seed(cfg.train.seed))
+    if protocol == "zeroshot":
+        from visrep.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classification
+
+        classes = method.data_info.classes or getattr(ds, "classes", None)
+        if not classes:
+            raise ValueError("zero-shot classification needs class names (the dataset's classes)")
+        templates = cfg.eval.zeroshot_templates or getattr(ds, "templates", None) or DEFAULT_TEMPLATES
+        return zeroshot_classification(method, images, labels, classes, templates, batch_size=cfg.eval.batch_size)
+    from visrep.eval.retrieval import image_text_retrieval
+
+    if not hasattr(ds, "captions"):
+        raise ValueError("retrieval needs a test set with captions (a captions(index) method)")
+    n = min(cfg.eval.retrieval_samples, len(images))
+    return image_text_retrieval(method, images[:n], [ds.captions(i) for i in range(n)], batch_size=cfg.eval.batch_size)
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
