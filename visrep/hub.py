@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .models import HEADS_BY_DIM, Predictor, VisionTransformer
 from .models.text import TextTransformer
+from .models.vit import clip_init_
 from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
@@ -95,13 +96,17 @@ def ijepa_predictor(**kwargs) -> Predictor:
     return Predictor(**kwargs)
 
 
-def clip_vit(**kwargs) -> VisionTransformer:
+def clip_vit(official_init: bool = True, **kwargs) -> VisionTransformer:
     """Our ViT configured as CLIP's / Llip's vision tower: learned positions (also for the [CLS] or
-    mixture tokens, ``register_pos``), ``ln_pre``, QuickGELU, bias-free patch conv, LN eps 1e-5."""
+    mixture tokens, ``register_pos``), ``ln_pre``, QuickGELU, bias-free patch conv, LN eps 1e-5;
+    initialised as the official tower (:func:`visrep.models.vit.clip_init_`) unless ``official_init=False``."""
     for k, v in dict(pos_embed="learned", pre_norm=True, act_layer="quick_gelu", patch_bias=False, norm_eps=1e-5,
                      rescale_init=False, register_pos=kwargs.get("num_registers", 0) > 0).items():
         kwargs.setdefault(k, v)
-    return VisionTransformer(**kwargs)
+    vit = VisionTransformer(**kwargs)
+    if official_init:
+        clip_init_(vit)
+    return vit
 
 
 # official CLIP / open_clip / Llip residual-block names -> ours (timm Block)

@@ -117,7 +117,8 @@ class VisionLanguage(Method):
         self.tokenizer = Tokenizer(m.context_length)
         self.visual = clip_vit(img_size=self.image_size, patch_size=mc.patch_size, in_chans=self.data_info.in_chans,
                                embed_dim=mc.embed_dim, depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio,
-                               drop_path_rate=mc.drop_path_rate, act_layer=m.act_layer, **self.vision_tokens())
+                               drop_path_rate=mc.drop_path_rate, patch_init=mc.patch_init, act_layer=m.act_layer,
+                               **self.vision_tokens())
         self.text = TextTransformer(vocab_size=self.tokenizer.vocab_size, context_length=m.context_length,
                                     width=m.text_width, depth=m.text_depth, num_heads=m.text_heads,
                                     embed_dim=m.embed_dim, act_layer=m.act_layer)

@@ -36,7 +36,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["ACT_LAYERS", "VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch",
+__all__ = ["ACT_LAYERS", "VisionTransformer", "clip_init_", "sincos_pos_embed_2d", "apply_masks",
+           "repeat_interleave_batch",
            "VIT_SIZES", "HEADS_BY_DIM", "attention_backend", "block_tail", "vit_from_config", "Normalize"]
 
 # MLP activations by config name (CLIP / Llip towers use QuickGELU, x * sigmoid(1.702 x))
@@ -157,6 +158,24 @@ def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: b
         for i, blk in enumerate(blocks, start=1):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
+def clip_init_(vit: VisionTransformer) -> None:
+    """CLIP's / open_clip's vision-tower initialisation (the official Llip ``VisualTransformer``): class /
+    mixture tokens and learned positions ~ N(0, width^-1/2), PyTorch's default Linear / Conv init,
+    ``nn.MultiheadAttention``'s (xavier-uniform packed q/k/v, zero biases)."""
+    scale = vit.embed_dim ** -0.5
+    for p in (vit.cls_token, vit.register_tokens, vit.pos_embed if vit.pos_embed_type == "learned" else None):
+        if p is not None:
+            nn.init.normal_(p, std=scale)
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
+    for blk in vit.blocks:
+        nn.init.xavier_uniform_(blk.attn.qkv.weight)
+        for b in (blk.attn.qkv.bias, blk.attn.proj.bias):
+            if b is not None:
+                nn.init.zeros_(b)
 
 
 class VisionTransformer(nn.Module):
