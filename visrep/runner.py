@@ -14,6 +14,7 @@ import torch
 
 from visrep.config import Config, build_config, load_config
 from visrep.data import build_dataset
+from visrep.data.datasets import Forwarding
 from visrep.data.transforms import dataset_stats
 from visrep.methods import DataInfo, Method, build_method
 
@@ -46,7 +47,7 @@ def _subset(ds, n: int):
     return _FirstN(ds, n)
 
 
-class _FirstN(torch.utils.data.Subset):
+class _FirstN(Forwarding, torch.utils.data.Subset):
     """The first ``n`` items of a file dataset; forwards what the dataset tells (classes, channels,
     transform) and slices ``targets``."""
 
@@ -54,17 +55,6 @@ class _FirstN(torch.utils.data.Subset):
         super().__init__(ds, range(min(n, len(ds))))
         if hasattr(ds, "targets"):
             self.targets = list(ds.targets)[:len(self)]
-
-    def __getattr__(self, name):
-        if name in ("num_classes", "classes", "in_chans", "transform", "captions"):
-            return getattr(self.dataset, name)
-        raise AttributeError(name)
-
-    def __setattr__(self, name, value):
-        if name == "transform":
-            self.dataset.transform = value
-        else:
-            super().__setattr__(name, value)
 
 
 def data_info(cfg: Config, ds) -> DataInfo:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import DatasetNotFoundError, _as_image
+from .datasets import DatasetNotFoundError, Forwarding, _as_image
 
 __all__ = ["TemplateCaptions", "CaptionFiles", "caption_csv", "coco_captions", "TarCaptions", "read_image"]
 
@@ -44,7 +44,7 @@ def read_image(data: bytes | str | Path) -> torch.Tensor:
         return arr.reshape(im.size[1], im.size[0], 3).permute(2, 0, 1).contiguous()
 
 
-class TemplateCaptions(Dataset):
+class TemplateCaptions(Forwarding, Dataset):
     """``dataset`` with captions from its class names: ``captions(i) = [t.format(class_of_i) for t in templates]``."""
 
     def __init__(self, dataset, templates: Sequence[str] = ("a photo of a {}.",)):
@@ -68,20 +68,11 @@ class TemplateCaptions(Dataset):
     def __getitem__(self, index: int):
         return self.dataset[index]
 
+    forwarded = ("tensors", "num_classes", "in_chans", "image_size", "transform")
+
     def captions(self, index: int) -> list[str]:
         name = self.classes[self.targets[index]]
         return [t.format(name) for t in self.templates]
-
-    def __getattr__(self, name):
-        if name in ("tensors", "num_classes", "in_chans", "image_size", "transform"):
-            return getattr(self.__dict__["dataset"], name)
-        raise AttributeError(name)
-
-    def __setattr__(self, name, value):
-        if name == "transform":
-            self.dataset.transform = value
-        else:
-            super().__setattr__(name, value)
 
 
 class CaptionFiles(Dataset):

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 __all__ = [
+    "Forwarding",
     "DATASET_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "DatasetNotFoundError",
@@ -61,6 +62,24 @@ _ALIASES = {
     "csv_captions": "csv_captions",
     "wds_captions": "wds_captions",
 }
+
+
+class Forwarding:
+    """Mixin for a dataset wrapping ``self.dataset``: the attributes named in ``forwarded`` are read
+    from the wrapped dataset, and setting ``transform`` sets the wrapped dataset's."""
+
+    forwarded: tuple[str, ...] = ("num_classes", "classes", "in_chans", "transform", "captions")
+
+    def __getattr__(self, name):
+        if name in type(self).forwarded and "dataset" in self.__dict__:
+            return getattr(self.__dict__["dataset"], name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name == "transform":
+            self.dataset.transform = value
+        else:
+            super().__setattr__(name, value)
 
 
 class DatasetNotFoundError(FileNotFoundError):
