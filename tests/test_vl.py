@@ -168,3 +168,31 @@ def test_zeroshot_and_retrieval_protocols_through_the_runner(tmp_path):
     assert 0 <= zs["top1"] <= 100 and zs["chance"] == pytest.approx(100 / 6)
     assert set(rt) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
     assert "zero-shot" in table and "retrieval" in table
+
+
+def test_open_clip_towers_load_into_ours():
+    """open_clip's own (installed) vision and text towers, randomly initialised and perturbed, give the
+    same outputs as ours after ``clip_vision_state`` / ``clip_text_state`` (official key names in)."""
+    import open_clip.transformer as oc
+
+    from visrep.hub import clip_text_state, clip_vision_state, clip_vit
+    from visrep.models.text import TextTransformer
+
+    torch.manual_seed(0)
+    vision = oc.VisionTransformer(16, 4, 32, 2, 2, 4.0, output_dim=16, act_layer=oc.QuickGELU).double().eval()
+    text = oc.TextTransformer(8, 30, 32, 2, 2, output_dim=16, act_layer=oc.QuickGELU).double().eval()
+    with torch.no_grad():
+        for p in list(vision.parameters()) + list(text.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    vstate, proj = clip_vision_state(vision.state_dict())
+    ours_v = clip_vit(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                      class_token=True).double().eval()
+    ours_v.load_state_dict(vstate, strict=True)
+    ours_t = TextTransformer(vocab_size=30, context_length=8, width=32, depth=2, num_heads=2, embed_dim=16).double()
+    ours_t.load_state_dict(clip_text_state({k: v for k, v in text.state_dict().items() if k != "attn_mask"}),
+                           strict=True)
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    tokens = torch.tensor([[28, 5, 7, 29, 0, 0, 0, 0], [28, 3, 29, 0, 0, 0, 0, 0], [28, 1, 2, 3, 4, 5, 6, 29]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours_v(images)[:, 0] @ proj, vision(images), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours_t(tokens), text(tokens), rtol=1e-10, atol=1e-10)
