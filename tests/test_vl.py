@@ -196,3 +196,22 @@ def test_open_clip_towers_load_into_ours():
     with torch.no_grad():
         torch.testing.assert_close(ours_v(images)[:, 0] @ proj, vision(images), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ours_t(tokens), text(tokens), rtol=1e-10, atol=1e-10)
+
+
+def test_open_clip_model_state_dict_gives_our_towers():
+    """A whole open_clip ``CLIP`` state dict (as a pretrained checkpoint holds it) -> our two towers."""
+    import open_clip.model as ocm
+
+    from visrep.hub import open_clip_towers
+
+    torch.manual_seed(1)
+    model = ocm.CLIP(16, dict(image_size=16, layers=2, width=32, patch_size=4, head_width=16),
+                     dict(context_length=8, vocab_size=30, width=32, heads=2, layers=1), quick_gelu=True)
+    model = model.double().eval()
+    vision, proj, text = open_clip_towers(model.state_dict(), vision_head_width=16, text_head_width=16,
+                                          act_layer="quick_gelu")
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    tokens = torch.tensor([[28, 5, 7, 29, 0, 0, 0, 0], [28, 1, 2, 3, 4, 5, 6, 29]])
+    with torch.no_grad():
+        torch.testing.assert_close(vision(images)[:, 0] @ proj, model.encode_image(images), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(text(tokens), model.encode_text(tokens), rtol=1e-10, atol=1e-10)

@@ -22,7 +22,7 @@ from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
            "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE", "clip_vit", "clip_vision_state",
-           "clip_text_state", "llip_state"]
+           "clip_text_state", "llip_state", "open_clip_towers"]
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
 REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
@@ -157,6 +157,34 @@ def clip_text_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official CLIP / open_clip text-tower keys (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks.*``, ``ln_final``, ``text_projection``) -> :class:`TextTransformer`'s."""
     return {(_clip_block_key(k) if k.startswith("transformer.resblocks.") else k): v for k, v in state.items()}
+
+
+def open_clip_towers(state: dict[str, Tensor], vision_head_width: int = 64, text_head_width: int = 64,
+                     act_layer: str = "gelu") -> tuple[VisionTransformer, Tensor, TextTransformer]:
+    """Our towers from an open_clip / OpenAI CLIP state dict (``model.state_dict()`` or a pretrained
+    checkpoint): ``(vision tower, its projection [width, embed_dim], text tower)``, weights loaded
+    strictly. Sizes are read off the tensors; head counts follow open_clip's ``width // head_width``
+    (64 for the released ViTs). ``act_layer="quick_gelu"`` for the OpenAI / ``-quickgelu`` models.
+    The image embedding is ``vision(x)[:, 0] @ proj``, the text embedding ``text(tokens)``."""
+    state = strip_prefixes(state)
+    vstate, proj = clip_vision_state({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    w = vstate["patch_embed.proj.weight"]
+    width, patch = w.shape[0], w.shape[-1]
+    prefix = vstate["pos_embed"].shape[1] - 1
+    vision = clip_vit(official_init=False, img_size=int(round(prefix ** 0.5)) * patch, patch_size=patch,
+                      in_chans=w.shape[1], embed_dim=width, depth=_depth(vstate, "blocks."),
+                      num_heads=width // vision_head_width,
+                      mlp_ratio=vstate["blocks.0.mlp.fc1.weight"].shape[0] / width, class_token=True,
+                      act_layer=act_layer).to(w.dtype)
+    vision.load_state_dict(vstate, strict=True)
+    tstate = clip_text_state({k: v for k, v in state.items() if k.startswith(_TEXT_KEYS)})
+    emb, pos = tstate["token_embedding.weight"], tstate["positional_embedding"]
+    text = TextTransformer(vocab_size=emb.shape[0], context_length=pos.shape[0], width=emb.shape[1],
+                           depth=_depth(tstate, "blocks."), num_heads=emb.shape[1] // text_head_width,
+                           mlp_ratio=tstate["blocks.0.mlp.fc1.weight"].shape[0] / emb.shape[1],
+                           embed_dim=tstate["text_projection"].shape[1], act_layer=act_layer).to(emb.dtype)
+    text.load_state_dict(tstate, strict=True)
+    return vision, proj, text
 
 
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")

@@ -144,7 +144,7 @@ class Llip(VisionLanguage):
         """Cosine of each image mixed by each text's query with that text's target: [N_img, N_txt]."""
         tau = self.cfg.weight_scale if weight_scale is None else weight_scale
         return llip_logits(image["k"], text["q"], image["v"], text["zt"], self.mixer.out_proj, tau,
-                           chunk=self.cfg.loss_chunk)
+                           chunk=self.cfg.loss_chunk or 256)   # at most [N_img, 256, D] mixed at once
 
     def pooled_features(self, tokens: Tensor) -> Tensor:
         return tokens[:, :self.cfg.num_mixture_tokens].mean(dim=1)
