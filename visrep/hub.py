@@ -170,8 +170,8 @@ def open_clip_towers(state: dict[str, Tensor], vision_head_width: int = 64, text
     vstate, proj = clip_vision_state({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
     w = vstate["patch_embed.proj.weight"]
     width, patch = w.shape[0], w.shape[-1]
-    prefix = vstate["pos_embed"].shape[1] - 1
-    vision = clip_vit(official_init=False, img_size=int(round(prefix ** 0.5)) * patch, patch_size=patch,
+    n_patches = vstate["pos_embed"].shape[1] - 1
+    vision = clip_vit(official_init=False, img_size=int(round(n_patches ** 0.5)) * patch, patch_size=patch,
                       in_chans=w.shape[1], embed_dim=width, depth=_depth(vstate, "blocks."),
                       num_heads=width // vision_head_width,
                       mlp_ratio=vstate["blocks.0.mlp.fc1.weight"].shape[0] / width, class_token=True,
