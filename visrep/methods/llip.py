@@ -25,7 +25,8 @@ discarded. ``pass_all_tokens=true`` (the official "-alltokens" configs) mixes ev
 Zero-shot (``visrep.eval.zeroshot``, official ``validate_zeroshot_cmp``): per class the queries of
 all prompts are averaged and the normalised targets averaged and renormalised; each image is mixed
 with each class query; the score is the cosine (no scale, no bias). Probe features: the mean of the
-K mixture tokens after ``ln_post``.
+K mixture tokens after ``ln_post``. Official checkpoints (``CMP`` state dicts) load with
+``method.load_state_dict(visrep.hub.llip_state(checkpoint))`` given the matching config.
 """
 from __future__ import annotations
 
