@@ -215,3 +215,17 @@ def test_open_clip_model_state_dict_gives_our_towers():
     with torch.no_grad():
         torch.testing.assert_close(vision(images)[:, 0] @ proj, model.encode_image(images), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(text(tokens), model.encode_text(tokens), rtol=1e-10, atol=1e-10)
+
+
+def test_grad_checkpointing_changes_nothing(tmp_path):
+    _, plain = tiny("llip", tmp_path / "a")
+    _, ckpt = tiny("llip", tmp_path / "b", "method.grad_checkpointing=true")
+    assert ckpt.visual.grad_checkpointing and ckpt.text.grad_checkpointing
+    images, text = batch_of(plain)
+    a, b = plain.objective(images, text), ckpt.objective(images, text)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads = dict(ckpt.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)

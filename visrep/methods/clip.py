@@ -62,6 +62,7 @@ class VisionLanguageConfig:
     max_logit_scale: float = math.log(100)  # clamp of the log scale after every step (open_clip)
     crop_scale: tuple[float, float] = (0.9, 1.0)   # open_clip's RandomResizedCrop
     caption: Literal["random", "first"] = "random"  # which of an image's captions a step uses
+    grad_checkpointing: bool = False        # recompute tower blocks in the backward pass (official H/14, G/14)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class VisionLanguage(Method):
                                     width=m.text_width, depth=m.text_depth, num_heads=m.text_heads,
                                     embed_dim=m.embed_dim, act_layer=m.act_layer)
         self.logit_scale = nn.Parameter(torch.tensor(float(m.init_logit_scale)))
+        self.visual.grad_checkpointing = self.text.grad_checkpointing = m.grad_checkpointing
 
     def vision_tokens(self) -> dict:
         return {"class_token": True}

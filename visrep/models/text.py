@@ -23,7 +23,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .vit import ACT_LAYERS, attention_backend
+from .vit import ACT_LAYERS, attention_backend, run_blocks
 
 __all__ = ["TextTransformer", "Tokenizer"]
 
@@ -47,6 +47,8 @@ class Tokenizer:
 class TextTransformer(nn.Module):
     """CLIP's causal text encoder. ``encode(tokens)`` gives the EOT hidden state after ``ln_final``
     ``[B, width]`` (Llip's query is built from it); ``forward(tokens)`` its projection ``[B, embed_dim]``."""
+
+    grad_checkpointing: bool = False   # recompute each block in the backward pass (large towers)
 
     def __init__(self, vocab_size: int = 49408, context_length: int = 77, width: int = 512, depth: int = 12,
                  num_heads: int = 8, mlp_ratio: float = 4.0, embed_dim: int = 512, act_layer: str = "quick_gelu",
@@ -90,8 +92,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"expected token ids [B, <= {self.context_length}], got shape {tuple(tokens.shape)}")
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
         with attention_backend(x):
-            for blk in self.blocks:
-                x = blk(x, is_causal=True)
+            x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training, is_causal=True)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
 

@@ -35,10 +35,11 @@ from timm.layers import PatchEmbed, QuickGELU, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ACT_LAYERS", "VisionTransformer", "clip_init_", "sincos_pos_embed_2d", "apply_masks",
            "repeat_interleave_batch",
-           "VIT_SIZES", "HEADS_BY_DIM", "attention_backend", "block_tail", "vit_from_config", "Normalize"]
+           "VIT_SIZES", "HEADS_BY_DIM", "attention_backend", "block_tail", "run_blocks", "vit_from_config", "Normalize"]
 
 # MLP activations by config name (CLIP / Llip towers use QuickGELU, x * sigmoid(1.702 x))
 ACT_LAYERS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
@@ -142,6 +143,20 @@ def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
     o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N - start, d))))
     y = x[:, start:] + blk.drop_path1(blk.ls1(o))
     return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: Tensor, checkpointed: bool = False, **kwargs) -> Tensor:
+    """``x`` through ``blocks``; ``checkpointed``: each block recomputed in the backward pass
+    (activation checkpointing, official for Llip H/14 and G/14)."""
+    for blk in blocks:
+        x = checkpoint(_in_backend, blk, x, use_reentrant=False, **kwargs) if checkpointed else blk(x, **kwargs)
+    return x
+
+
+def _in_backend(blk: nn.Module, x: Tensor, **kwargs) -> Tensor:
+    # the recomputation runs outside the caller's SDPA context: choose the same kernel again
+    with attention_backend(x):
+        return blk(x, **kwargs)
 
 
 def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: bool = True) -> None:
@@ -318,13 +333,15 @@ class VisionTransformer(nn.Module):
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
 
+    # recompute each block in the backward pass instead of storing its activations (large towers)
+    grad_checkpointing: bool = False
+
     def forward(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """All output tokens after the final norm: [B (x n_masks), prefix + kept patches, D]."""
         with attention_backend(x):
             x = self.prepare_tokens(x, idx_keep, mask)
-            for blk in self.blocks:
-                x = blk(x)
+            x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training)
             return self.norm(x)
 
     def attention_maps(self, x: Tensor) -> list[Tensor]:
