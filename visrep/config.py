@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural", "coco_captions", "csv_captions",
+                  "wds_captions"] = "fashion_mnist"
     root: str | None = None          # must hold the data; unset: the Debian path, else download
     download: bool = False              # torchvision download when online
     image_size: int = 28                # training / evaluation resolution
@@ -31,7 +32,11 @@ class DataConfig:
     pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
     train_subset: int | None = None  # use only the first N training images (quick runs)
+<<<<<<< HEAD
     subset_file: str | None = None   # train on the listed images only (indices or paths; `visrep curate`)
+=======
+    caption_templates: list[str] | None = None  # captions from class names ("a photo of a {}.") for labelled data
+>>>>>>> vl
 
 
 @dataclass
@@ -114,9 +119,14 @@ class EvalConfig:
     lowshot_seeds: int = 3
     mrr_candidates: int = 16         # world-model MRR: transformed versions per image (paper: 256)
     mrr_samples: int = 1000          # test images used for the MRR
+<<<<<<< HEAD
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
+=======
+    zeroshot_templates: list[str] | None = None  # prompt templates ("a photo of a {}."); null: the dataset's
+    retrieval_samples: int = 1000    # test images (with all their captions) used for retrieval
+>>>>>>> vl
 
 
 @dataclass

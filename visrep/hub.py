@@ -16,13 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from .models import HEADS_BY_DIM, Predictor, VisionTransformer
+from .models.text import TextTransformer
+from .models.vit import clip_init_
 from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
-           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE"]
+           "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE", "clip_vit", "clip_vision_state",
+           "clip_text_state", "llip_state", "open_clip_towers"]
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
-REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor}
+REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
+                                           "TextTransformer": TextTransformer}
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
 
 
@@ -90,6 +94,122 @@ def dinov2_vit(num_register_tokens: int = 0, init_values: float | None = 1e-5, *
 
 def ijepa_predictor(**kwargs) -> Predictor:
     return Predictor(**kwargs)
+
+
+def clip_vit(official_init: bool = True, **kwargs) -> VisionTransformer:
+    """Our ViT configured as CLIP's / Llip's vision tower: learned positions (also for the [CLS] or
+    mixture tokens, ``register_pos``), ``ln_pre``, QuickGELU, bias-free patch conv, LN eps 1e-5;
+    initialised as the official tower (:func:`visrep.models.vit.clip_init_`) unless ``official_init=False``."""
+    for k, v in dict(pos_embed="learned", pre_norm=True, act_layer="quick_gelu", patch_bias=False, norm_eps=1e-5,
+                     rescale_init=False, register_pos=kwargs.get("num_registers", 0) > 0).items():
+        kwargs.setdefault(k, v)
+    vit = VisionTransformer(**kwargs)
+    if official_init:
+        clip_init_(vit)
+    return vit
+
+
+# official CLIP / open_clip / Llip residual-block names -> ours (timm Block)
+_CLIP_BLOCK = (("ln_1.", "norm1."), ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+               ("attn.out_proj.", "attn.proj."), ("ln_2.", "norm2."), ("mlp.c_fc.", "mlp.fc1."),
+               ("mlp.c_proj.", "mlp.fc2."))
+
+
+def _clip_block_key(key: str) -> str:
+    rest = key[len("transformer.resblocks."):]
+    index, name = rest.split(".", 1)
+    for old, new in _CLIP_BLOCK:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    return f"blocks.{index}.{name}"
+
+
+def clip_vision_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """An official CLIP / open_clip / Llip ``visual.*`` state dict (prefix stripped) -> our ViT's keys
+    (for :func:`clip_vit`), and the tower's own output projection ``proj`` (None if absent).
+
+    A 1-D ``class_embedding`` (open_clip) becomes our ``cls_token``; Llip's 2-D ``[K, width]`` mixture
+    tokens become ``register_tokens`` (with ``register_pos``: their rows of the position table stay
+    theirs)."""
+    out, proj = {}, state.get("proj")
+    for k, v in state.items():
+        if k == "proj":
+            continue
+        if k == "conv1.weight":
+            out["patch_embed.proj.weight"] = v
+        elif k == "class_embedding":
+            out["cls_token" if v.dim() == 1 else "register_tokens"] = v.reshape(1, -1, v.shape[-1])
+        elif k == "positional_embedding":
+            out["pos_embed"] = v.unsqueeze(0)
+        elif k.startswith("ln_pre."):
+            out["norm_pre." + k[len("ln_pre."):]] = v
+        elif k.startswith("ln_post."):
+            out["norm." + k[len("ln_post."):]] = v
+        elif k.startswith("transformer.resblocks."):
+            out[_clip_block_key(k)] = v
+        else:
+            raise KeyError(f"unexpected key in a CLIP vision state dict: {k!r}")
+    return out, proj
+
+
+def clip_text_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official CLIP / open_clip text-tower keys (``token_embedding``, ``positional_embedding``,
+    ``transformer.resblocks.*``, ``ln_final``, ``text_projection``) -> :class:`TextTransformer`'s."""
+    return {(_clip_block_key(k) if k.startswith("transformer.resblocks.") else k): v for k, v in state.items()}
+
+
+def open_clip_towers(state: dict[str, Tensor], vision_head_width: int = 64, text_head_width: int = 64,
+                     act_layer: str = "gelu") -> tuple[VisionTransformer, Tensor, TextTransformer]:
+    """Our towers from an open_clip / OpenAI CLIP state dict (``model.state_dict()`` or a pretrained
+    checkpoint): ``(vision tower, its projection [width, embed_dim], text tower)``, weights loaded
+    strictly. Sizes are read off the tensors; head counts follow open_clip's ``width // head_width``
+    (64 for the released ViTs). ``act_layer="quick_gelu"`` for the OpenAI / ``-quickgelu`` models.
+    The image embedding is ``vision(x)[:, 0] @ proj``, the text embedding ``text(tokens)``."""
+    state = strip_prefixes(state)
+    vstate, proj = clip_vision_state({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    w = vstate["patch_embed.proj.weight"]
+    width, patch = w.shape[0], w.shape[-1]
+    n_patches = vstate["pos_embed"].shape[1] - 1
+    vision = clip_vit(official_init=False, img_size=int(round(n_patches ** 0.5)) * patch, patch_size=patch,
+                      in_chans=w.shape[1], embed_dim=width, depth=_depth(vstate, "blocks."),
+                      num_heads=width // vision_head_width,
+                      mlp_ratio=vstate["blocks.0.mlp.fc1.weight"].shape[0] / width, class_token=True,
+                      act_layer=act_layer).to(w.dtype)
+    vision.load_state_dict(vstate, strict=True)
+    tstate = clip_text_state({k: v for k, v in state.items() if k.startswith(_TEXT_KEYS)})
+    emb, pos = tstate["token_embedding.weight"], tstate["positional_embedding"]
+    text = TextTransformer(vocab_size=emb.shape[0], context_length=pos.shape[0], width=emb.shape[1],
+                           depth=_depth(tstate, "blocks."), num_heads=emb.shape[1] // text_head_width,
+                           mlp_ratio=tstate["blocks.0.mlp.fc1.weight"].shape[0] / emb.shape[1],
+                           embed_dim=tstate["text_projection"].shape[1], act_layer=act_layer).to(emb.dtype)
+    text.load_state_dict(tstate, strict=True)
+    return vision, proj, text
+
+
+_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_LLIP_MIXER = {"k_proj": "k_proj", "v_proj": "v_proj", "q_proj": "q_proj", "pred.out_proj": "out_proj"}
+
+
+def llip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An official Llip (``CMP``) state dict -> the keys of :class:`visrep.methods.llip.Llip`:
+    ``visual.*`` (our ViT), ``text.*`` (:class:`TextTransformer`), ``mixer.*`` (``k_proj``, ``v_proj``,
+    ``q_proj``, ``out_proj``, ``K_norm`` / ``Q_norm`` / ``V_norm``), ``logit_scale``, ``logit_bias``."""
+    state = strip_prefixes(state)
+    if "out_proj" in state and "pred.out_proj" not in state:  # the eval loader's rename
+        state = {("pred.out_proj" if k == "out_proj" else k): v for k, v in state.items()}
+    visual, _ = clip_vision_state({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    out = {f"visual.{k}": v for k, v in visual.items()}
+    out.update({f"text.{k}": v for k, v in clip_text_state(
+        {k: v for k, v in state.items() if k.startswith(_TEXT_KEYS)}).items()})
+    for k, v in state.items():
+        if k in _LLIP_MIXER:
+            out[f"mixer.{_LLIP_MIXER[k]}"] = v
+        elif k.split(".")[0] in ("K_norm", "Q_norm", "V_norm"):
+            out[f"mixer.{k}"] = v
+        elif k in ("logit_scale", "logit_bias"):
+            out[k] = v
+    return out
 
 
 def load_official(path: str | os.PathLike, which: str = "target_encoder", num_heads: int | None = None,

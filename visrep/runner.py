@@ -14,6 +14,7 @@ import torch
 
 from visrep.config import Config, build_config, load_config
 from visrep.data import build_dataset
+from visrep.data.datasets import Forwarding
 from visrep.data.transforms import dataset_stats
 from visrep.methods import DataInfo, Method, build_method
 
@@ -31,6 +32,10 @@ def load_split(cfg: Config, split: str, transform=None):
         ds = _subset(ds, read_file_list(cfg.data.subset_file, names))
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
+    if cfg.data.caption_templates:
+        from visrep.data.captions import TemplateCaptions
+
+        ds = TemplateCaptions(ds, cfg.data.caption_templates)
     return ds
 
 
@@ -49,9 +54,11 @@ def _subset(ds, n: int | list[int]):
     return _FirstN(ds, n)
 
 
-class _FirstN(torch.utils.data.Subset):
+class _FirstN(Forwarding, torch.utils.data.Subset):
     """The first ``n`` items (or the listed items) of a file dataset; forwards what the dataset tells
-    (classes, channels, transform) and selects ``targets``."""
+    (classes, channels, transform), selects ``targets`` and maps ``captions(i)`` through the indices."""
+
+    forwarded = ("num_classes", "classes", "in_chans", "transform")
 
     def __init__(self, ds, n: int | list[int]):
         super().__init__(ds, range(min(n, len(ds))) if isinstance(n, int) else list(n))
@@ -60,15 +67,9 @@ class _FirstN(torch.utils.data.Subset):
             self.targets = [targets[i] for i in self.indices]
 
     def __getattr__(self, name):
-        if name in ("num_classes", "classes", "in_chans", "transform", "captions"):
-            return getattr(self.dataset, name)
-        raise AttributeError(name)
-
-    def __setattr__(self, name, value):
-        if name == "transform":
-            self.dataset.transform = value
-        else:
-            super().__setattr__(name, value)
+        if name == "captions" and hasattr(self.__dict__.get("dataset"), "captions"):
+            return lambda i: self.dataset.captions(self.indices[i])
+        return super().__getattr__(name)
 
 
 def data_info(cfg: Config, ds) -> DataInfo:
@@ -178,7 +179,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
                         overrides: Sequence[str] = ()):
     method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
     protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
-    overrides = list(overrides) + [f"eval.protocols={','.join(protocols)}"]
+    overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]
     if data_root:
         overrides.append(f"data.root={data_root}")
     fns, notes, cfg, extra = {}, [], None, {}
@@ -190,7 +191,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
         notes.append(f"{name}: {method.feature_description}")
         for protocol in method_protocols:
             capability, what = METHOD_PROTOCOLS[protocol]
-            if len(paths) > 1 and not hasattr(method, capability):  # side by side: say n/a, don't fail
+            if len(paths) > 1 and not _supports(method, capability):  # side by side: say n/a, don't fail
                 notes.append(f"{name}: {what}: n/a ({c.method.name} has no {capability}())")
                 continue
             extra[(protocol, name)] = _method_protocol(protocol, method, c)
@@ -211,37 +212,59 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
 METHOD_PROTOCOLS = {
     "mrr": ("world_model_mrr", "world-model MRR"),
     "predictor_ft": ("predictor_finetune", "top-1 with the encoder frozen, predictor + attentive head fine-tuned"),
+    "zeroshot": ("encode_text", "zero-shot classification (%)"),
+    "retrieval": ("encode_text", "image-text retrieval recall (%)"),
 }
-
-
-def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict[str, float]:
-    capability, what = METHOD_PROTOCOLS[protocol]
-    if not hasattr(method, capability):
-        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
-                         f"{cfg.method.name} has none")
-
-    def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = eval_images(load_split(cfg, name, transform=uint8_eval_transform(cfg.data.image_size)),
-                                     cfg.data.image_size)
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"protocol {protocol!r} needs an in-memory {name} set")
-        return images, labels
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    method.to(device)
-    e, g = cfg.eval, torch.Generator().manual_seed(cfg.train.seed)
-    fn = getattr(method, capability)
-    if protocol == "mrr":
-        return fn(split("test")[0][:e.mrr_samples], n_candidates=e.mrr_candidates, generator=g)
-    x, y = split("train")
-    keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
-    return fn((x[keep], y[keep]), split("test"), epochs=e.finetune_epochs, lr=e.finetune_lr, generator=g)
 
 
 def _format_protocol(value: float | dict[str, float]) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {v:.1f}" for k, v in value.items())
+        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
     return f"{value:.3f}"
+
+
+def _supports(method: Method, capability: str) -> bool:
+    return hasattr(method, capability) and (capability != "encode_text" or method.can(capability))
+
+
+def _split_images(cfg: Config, protocol: str, split: str = "test"):
+    ds = load_split(cfg, split, transform=uint8_eval_transform(cfg.data.image_size))
+    images, labels = eval_images(ds, cfg.data.image_size)
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"protocol {protocol!r} needs an in-memory {split} set")
+    return ds, images, labels
+
+
+def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict[str, float]:
+    capability, what = METHOD_PROTOCOLS[protocol]
+    if not _supports(method, capability):
+        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
+                         f"{cfg.method.name} has none")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method.to(device)
+    e, g = cfg.eval, torch.Generator().manual_seed(cfg.train.seed)
+    ds, images, labels = _split_images(cfg, protocol)
+    if protocol == "mrr":
+        return method.world_model_mrr(images[:e.mrr_samples], n_candidates=e.mrr_candidates, generator=g)
+    if protocol == "predictor_ft":
+        _, x, y = _split_images(cfg, protocol, "train")
+        keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
+        return method.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
+                                         lr=e.finetune_lr, generator=g)
+    if protocol == "zeroshot":
+        from visrep.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classification
+
+        classes = method.data_info.classes or getattr(ds, "classes", None)
+        if not classes:
+            raise ValueError("zero-shot classification needs class names (the dataset's classes)")
+        templates = e.zeroshot_templates or getattr(ds, "templates", None) or DEFAULT_TEMPLATES
+        return zeroshot_classification(method, images, labels, classes, templates, batch_size=e.batch_size)
+    from visrep.eval.retrieval import image_text_retrieval
+
+    if not hasattr(ds, "captions"):
+        raise ValueError("retrieval needs a test set with captions (a captions(index) method)")
+    n = min(e.retrieval_samples, len(images))
+    return image_text_retrieval(method, images[:n], [ds.captions(i) for i in range(n)], batch_size=e.batch_size)
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:

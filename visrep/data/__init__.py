@@ -4,6 +4,7 @@ Datasets live in :mod:`~visrep.data.fashion_mnist`, :mod:`~visrep.data.folders`,
 :mod:`~visrep.data.procedural` and (shared pieces, CIFAR, the :func:`build_dataset` factory)
 :mod:`~visrep.data.datasets`. Masking collators live in :mod:`visrep.data.masks` (import them from there).
 """
+from .captions import CaptionFiles, TarCaptions, TemplateCaptions, caption_csv, coco_captions
 from .datasets import (
     DATASET_NAMES,
     DEBIAN_FASHION_MNIST_DIR,
@@ -44,6 +45,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "CaptionFiles", "TarCaptions", "TemplateCaptions", "caption_csv", "coco_captions",
     "DATASET_NAMES", "DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "DatasetNotFoundError", "FashionMNIST",
     "IDXFormatError", "ProceduralShapes", "SafeImageFolder", "TensorImageDataset", "UnreadableImageWarning",
     "build_dataset", "load_cifar", "load_fashion_mnist", "read_idx",

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 __all__ = [
+    "Forwarding",
     "DATASET_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "DatasetNotFoundError",
@@ -42,7 +43,8 @@ DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 # Default download root when ``download=True`` and no root was given.
 DEFAULT_DOWNLOAD_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "visrep", "data")
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural", "coco_captions", "csv_captions",
+                 "wds_captions")
 _ALIASES = {
     "fmnist": "fashion_mnist",
     "fashionmnist": "fashion_mnist",
@@ -56,7 +58,28 @@ _ALIASES = {
     "imagenet": "imagefolder",
     "procedural": "procedural",
     "shapes": "procedural",
+    "coco_captions": "coco_captions",
+    "csv_captions": "csv_captions",
+    "wds_captions": "wds_captions",
 }
+
+
+class Forwarding:
+    """Mixin for a dataset wrapping ``self.dataset``: the attributes named in ``forwarded`` are read
+    from the wrapped dataset, and setting ``transform`` sets the wrapped dataset's."""
+
+    forwarded: tuple[str, ...] = ("num_classes", "classes", "in_chans", "transform", "captions")
+
+    def __getattr__(self, name):
+        if name in type(self).forwarded and "dataset" in self.__dict__:
+            return getattr(self.__dict__["dataset"], name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name == "transform":
+            self.dataset.transform = value
+        else:
+            super().__setattr__(name, value)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -183,6 +206,10 @@ def build_dataset(name: str, split: str = "train", root: str | os.PathLike | Non
     Extra keywords go to the dataset: imagefolder takes ``verify``/``extensions`` (and picks
     ``root/<split>`` when that folder exists, ``split`` "val"/"test" trying both names);
     procedural takes ``num_samples``, ``image_size``, ``in_chans``, ``seed``, ``shapes``, ``label``.
+    Caption datasets (:mod:`visrep.data.captions`), under ``root``: ``coco_captions``
+    (``annotations/captions_{train,val}2017.json`` + ``{train,val}2017/``), ``csv_captions``
+    (``{train,test}.csv``, open_clip's tab-separated ``filepath``/``title`` columns, paths relative to
+    root), ``wds_captions`` (webdataset shards ``{train,test}/*.tar`` or ``{train,test}-*.tar``).
     """
     # imported here: those modules build on this one
     from .fashion_mnist import load_fashion_mnist
@@ -200,6 +227,8 @@ def build_dataset(name: str, split: str = "train", root: str | os.PathLike | Non
         if kw:
             raise TypeError(f"{key} takes no extra arguments, got {sorted(kw)}")
         return load_cifar(key, split, root=root, transform=transform, download=download)
+    if key in ("coco_captions", "csv_captions", "wds_captions"):
+        return _caption_dataset(key, _normalise_split(split), root, transform)
     if key == "imagefolder":
         if root is None:
             raise DatasetNotFoundError("imagefolder needs data.root / --data-root (root/<class>/<image> "
@@ -214,3 +243,20 @@ def build_dataset(name: str, split: str = "train", root: str | os.PathLike | Non
                               f"the same images as train (evaluation on training images)", stacklevel=2)
         return SafeImageFolder(folder, transform=transform, **kw)
     return ProceduralShapes(split=split, transform=transform, **kw)
+
+
+def _caption_dataset(key: str, split: str, root, transform):
+    from .captions import TarCaptions, caption_csv, coco_captions
+
+    if root is None:
+        raise DatasetNotFoundError(f"{key} needs data.root / --data-root")
+    base = Path(root)
+    if key == "csv_captions":
+        return caption_csv(base / f"{split}.csv", base, transform=transform)
+    if key == "coco_captions":
+        coco = "train2017" if split == "train" else "val2017"
+        return coco_captions(base / "annotations" / f"captions_{coco}.json", base / coco, transform=transform)
+    shards = sorted((base / split).glob("*.tar")) or sorted(base.glob(f"{split}-*.tar"))
+    if not shards:
+        raise DatasetNotFoundError(f"wds_captions: no shards {base / split}/*.tar or {base}/{split}-*.tar")
+    return TarCaptions(shards, transform=transform)

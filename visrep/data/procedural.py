@@ -100,6 +100,16 @@ class ProceduralShapes(Dataset):
             "texture_phase": f[4],
         }
 
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """Zero-shot prompt templates for the label attribute, in the captions' own phrasing (for
+        attributes other than the shape: one template per shape, an ensemble)."""
+        if self.label_attr == "shape":
+            return ("a {}", "a picture of a {}")
+        if self.label_attr == "position":
+            return tuple(f"a picture of a {s} at the {{}}" for s in self.shapes)
+        return tuple(f"a {{}} {s}" for s in self.shapes)
+
     def label_of(self, attrs: dict[str, Any]) -> int:
         key = "colour" if self.label_attr == "color" else self.label_attr
         return self.classes.index(attrs[key])

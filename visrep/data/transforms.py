@@ -36,6 +36,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PROCEDURAL_MEAN = (0.174, 0.171, 0.168)
 PROCEDURAL_STD = (0.137, 0.123, 0.126)
 
+# open_clip / OpenAI CLIP normalisation (the image-caption datasets)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 DATASET_STATS = {
     "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
@@ -43,6 +47,9 @@ DATASET_STATS = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
     "procedural": (PROCEDURAL_MEAN, PROCEDURAL_STD),
+    "coco_captions": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "csv_captions": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "wds_captions": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
 
 

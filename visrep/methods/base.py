@@ -204,8 +204,9 @@ class Method(nn.Module):
         """Generators only: ``n`` images ``uint8 [n, C, H, W]`` (FID)."""
         raise NotImplementedError(f"{type(self).__name__} is not a generative model")
 
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """Vision-language methods only: text embeddings (zero-shot, retrieval)."""
+    def encode_text(self, texts: list[str]) -> Tensor | dict[str, Tensor]:
+        """Vision-language methods only: text embeddings (zero-shot, retrieval); CLIP / SigLIP / Llip
+        return a dict of tensors with a leading text axis (see ``visrep.eval.zeroshot``)."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
 

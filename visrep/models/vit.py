@@ -5,7 +5,11 @@ One backbone for every method:
 * any patch size (1 included: pixels as tokens) and any number of input channels;
 * fixed 2-D sin-cos (I-JEPA) or learned (DINOv2) position embeddings, resized for other input
   sizes (sin-cos: recomputed exactly; learned: bicubic, DINOv2's +0.1 offset);
-* optional [CLS] token and extra learned tokens (registers / Llip mixture tokens);
+* optional [CLS] token and extra learned tokens (registers / Llip mixture tokens), the latter with
+  their own learned position embeddings when ``register_pos=True`` (CLIP/Llip layout: the position
+  table then covers [CLS], registers and patches, in that order);
+* the CLIP options: a LayerNorm before the blocks (``pre_norm``, official ``ln_pre``), QuickGELU
+  (``act_layer="quick_gelu"``) and a bias-free patch convolution (``patch_bias=False``);
 * two kinds of masking, usable together:
   - ``mask`` (bool [B, N], iBOT/DINOv2): masked patch embeddings are replaced by a learned
     ``mask_token`` *before* position embeddings are added;
@@ -27,13 +31,18 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, QuickGELU, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VisionTransformer", "sincos_pos_embed_2d", "apply_masks", "repeat_interleave_batch", "VIT_SIZES",
-           "HEADS_BY_DIM", "attention_backend", "block_tail", "vit_from_config", "Normalize"]
+__all__ = ["ACT_LAYERS", "VisionTransformer", "clip_init_", "sincos_pos_embed_2d", "apply_masks",
+           "repeat_interleave_batch",
+           "VIT_SIZES", "HEADS_BY_DIM", "attention_backend", "block_tail", "run_blocks", "vit_from_config", "Normalize"]
+
+# MLP activations by config name (CLIP / Llip towers use QuickGELU, x * sigmoid(1.702 x))
+ACT_LAYERS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 # The one size table: name -> (embed_dim, depth, num_heads) of the official factories (I-JEPA's
 # vit_giant is 1408-d with mlp_ratio 48/11; DINOv2's vit_giant2 is 1536-d with 24 heads).
@@ -111,19 +120,20 @@ def attention_backend(x: Tensor):
     return sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else contextlib.nullcontext()
 
 
-def run_blocks(blocks, x: Tensor, checkpointing: bool = False) -> Tensor:
-    """``x`` through ``blocks`` in order; with ``checkpointing`` (and gradients on) each block's
-    activations are recomputed in the backward pass instead of stored (``torch.utils.checkpoint``,
-    non-reentrant): less memory for about one more forward pass."""
+def run_blocks(blocks: Sequence[nn.Module], x: Tensor, checkpointing: bool = False, **kwargs) -> Tensor:
+    """``x`` through ``blocks`` in order (``kwargs`` to every block, e.g. ``is_causal``); with
+    ``checkpointing`` (and gradients on) each block's activations are recomputed in the backward pass
+    instead of stored (non-reentrant ``torch.utils.checkpoint``, RNG replayed): less memory for about
+    one more forward pass (official for Llip H/14 and G/14, StoP)."""
     recompute = checkpointing and torch.is_grad_enabled()
     for blk in blocks:
-        x = torch.utils.checkpoint.checkpoint(_block_call, blk, x, use_reentrant=False) if recompute else blk(x)
+        x = checkpoint(_block_call, blk, x, use_reentrant=False, **kwargs) if recompute else blk(x, **kwargs)
     return x
 
 
-def _block_call(blk: nn.Module, x: Tensor) -> Tensor:
+def _block_call(blk: nn.Module, x: Tensor, **kwargs) -> Tensor:
     with attention_backend(x):  # the recomputation in backward must pick the same SDPA kernel
-        return blk(x)
+        return blk(x, **kwargs)
 
 
 def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
@@ -167,6 +177,24 @@ def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: b
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
 
 
+def clip_init_(vit: VisionTransformer) -> None:
+    """CLIP's / open_clip's vision-tower initialisation (the official Llip ``VisualTransformer``): class /
+    mixture tokens and learned positions ~ N(0, width^-1/2), PyTorch's default Linear / Conv init,
+    ``nn.MultiheadAttention``'s (xavier-uniform packed q/k/v, zero biases)."""
+    scale = vit.embed_dim ** -0.5
+    for p in (vit.cls_token, vit.register_tokens, vit.pos_embed if vit.pos_embed_type == "learned" else None):
+        if p is not None:
+            nn.init.normal_(p, std=scale)
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
+    for blk in vit.blocks:
+        nn.init.xavier_uniform_(blk.attn.qkv.weight)
+        for b in (blk.attn.qkv.bias, blk.attn.proj.bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -189,6 +217,10 @@ class VisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
         rescale_init: bool = True,
         patch_init: str = "trunc_normal",
+        register_pos: bool = False,
+        pre_norm: bool = False,
+        act_layer: str = "gelu",
+        patch_bias: bool = True,
     ):
         super().__init__()
         # constructor arguments, enough to rebuild this module (exports, ``visrep.hub.load_exported``)
@@ -197,7 +229,8 @@ class VisionTransformer(nn.Module):
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, pos_embed=pos_embed,
                          class_token=class_token, num_registers=num_registers, mask_token=mask_token,
                          init_values=init_values, norm_eps=norm_eps, interpolate_offset=interpolate_offset,
-                         interpolate_antialias=interpolate_antialias)
+                         interpolate_antialias=interpolate_antialias, register_pos=register_pos,
+                         pre_norm=pre_norm, act_layer=act_layer, patch_bias=patch_bias)
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -206,13 +239,20 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.grad_checkpointing = False  # activation checkpointing per block (a runtime switch, not arch)
         self.num_prefix = int(class_token) + num_registers
+        if register_pos and pos_embed != "learned":
+            raise ValueError("register_pos=True (position embeddings for registers) needs pos_embed='learned'")
+        if act_layer not in ACT_LAYERS:
+            raise ValueError(f"act_layer must be one of {sorted(ACT_LAYERS)}, got {act_layer!r}")
+        # prefix tokens that have a row in the position table: [CLS] and (register_pos) the registers
+        self.num_pos_prefix = int(class_token) + (num_registers if register_pos else 0)
         self.pos_embed_type = pos_embed
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
 
-        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False,
+                                      bias=patch_bias)
         self.grid = self.patch_embed.grid_size
-        n_pos = self.grid[0] * self.grid[1] + int(class_token)
+        n_pos = self.grid[0] * self.grid[1] + self.num_pos_prefix
         if pos_embed == "sincos":
             table = sincos_pos_embed_2d(embed_dim, *self.grid, cls_token=class_token, dtype=torch.float32)
             self.pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
@@ -223,10 +263,11 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None
 
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer) for i in range(depth))
+                  drop_path=dpr[i], norm_layer=norm_layer, act_layer=ACT_LAYERS[act_layer]) for i in range(depth))
         self.norm = norm_layer(embed_dim)
         self._init_weights(rescale_init)
         if patch_init == "xavier":
@@ -249,7 +290,7 @@ class VisionTransformer(nn.Module):
     # -- position embeddings -------------------------------------------------------------------
     def patch_pos_embed(self, grid_h: int, grid_w: int) -> Tensor:
         """Position embeddings of the patch tokens for a grid_h x grid_w grid: [1, H*W, D]."""
-        pos = self.pos_embed[:, int(self.cls_token is not None):]
+        pos = self.pos_embed[:, self.num_pos_prefix:]
         if (grid_h, grid_w) == tuple(self.grid):
             return pos
         if self.pos_embed_type == "sincos":
@@ -280,8 +321,13 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             prefix.append((self.cls_token + self.pos_embed[:, :1]).expand(x.size(0), -1, -1))
         if self.register_tokens is not None:
-            prefix.append(self.register_tokens.expand(x.size(0), -1, -1))
-        return torch.cat(prefix + [x], dim=1) if prefix else x
+            reg = self.register_tokens
+            if self.num_pos_prefix > int(self.cls_token is not None):   # register_pos
+                c = int(self.cls_token is not None)
+                reg = reg + self.pos_embed[:, c:c + reg.shape[1]]
+            prefix.append(reg.expand(x.size(0), -1, -1))
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+        return self.norm_pre(x)
 
     def _check_input(self, x: Tensor) -> None:
         in_chans = self.patch_embed.proj.in_channels
@@ -296,6 +342,20 @@ class VisionTransformer(nn.Module):
         with attention_backend(x):
             x = self.prepare_tokens(x, idx_keep, mask)
             return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+
+    def attention_maps(self, x: Tensor) -> list[Tensor]:
+        """Self-attention probabilities of every block, ``[B, heads, L, L]`` each (token order as
+        the sequence: prefix tokens, then patches), recomputed from each block's input."""
+        maps = []
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            a = blk.attn
+            B, L, _ = x.shape
+            qkv = a.qkv(blk.norm1(x)).reshape(B, L, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+            maps.append((q @ k.transpose(-2, -1) * a.scale).softmax(-1))
+            x = blk(x)
+        return maps
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """DINOv2-style output dict: normed cls / register / patch tokens and the pre-norm sequence."""
