@@ -66,7 +66,8 @@ def test_attentive_head_learns_a_token_rule():
     x[torch.arange(1200), where, 7] = 4.0                       # the marked token
     marked = x[torch.arange(1200), where]
     y = (marked[:, 0] > marked[:, 1]).long()                     # its features decide the class
-    head = AttentivePooler(8, 2, num_heads=2)
+    torch.manual_seed(0)
+    head = AttentivePooler(8, 2, num_heads=2)   # measured over init seeds 0-4: 94-96.5 % after 30 epochs
     out = train_classifier(head, [{"params": list(head.parameters()), "lr": 3e-3}], (x[:1000], y[:1000]),
-                           (x[1000:], y[1000:]), epochs=15, batch_size=50, generator=g)
+                           (x[1000:], y[1000:]), epochs=30, batch_size=50, generator=g)
     assert out["top1"] > 90.0, out

@@ -72,13 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot",
-<<<<<<< HEAD
                    help="comma list of knn,linear,lowshot and, for JEPA world models (I-JEPA, StoP, IWM), "
-                        "mrr (IWM) and predictor_ft")
-=======
-                   help="comma list of knn,linear,lowshot and, for world models (IWM), mrr; for "
-                        "vision-language models (CLIP, SigLIP, Llip), zeroshot,retrieval")
->>>>>>> vl
+                        "predictor_ft and mrr (IWM); for vision-language models (CLIP, SigLIP, Llip), "
+                        "zeroshot,retrieval")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")

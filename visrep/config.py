@@ -32,11 +32,8 @@ class DataConfig:
     pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
     train_subset: int | None = None  # use only the first N training images (quick runs)
-<<<<<<< HEAD
     subset_file: str | None = None   # train on the listed images only (indices or paths; `visrep curate`)
-=======
     caption_templates: list[str] | None = None  # captions from class names ("a photo of a {}.") for labelled data
->>>>>>> vl
 
 
 @dataclass
@@ -119,14 +116,11 @@ class EvalConfig:
     lowshot_seeds: int = 3
     mrr_candidates: int = 16         # world-model MRR: transformed versions per image (paper: 256)
     mrr_samples: int = 1000          # test images used for the MRR
-<<<<<<< HEAD
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
-=======
     zeroshot_templates: list[str] | None = None  # prompt templates ("a photo of a {}."); null: the dataset's
     retrieval_samples: int = 1000    # test images (with all their captions) used for retrieval
->>>>>>> vl
 
 
 @dataclass

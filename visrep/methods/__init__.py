@@ -27,13 +27,10 @@ METHODS: dict[str, MethodEntry] = {
     "ijepa": MethodEntry("visrep.methods.ijepa", "IJEPAConfig", "IJEPA"),
     "stop": MethodEntry("visrep.methods.stop", "StoPConfig", "StoP"),
     "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
-<<<<<<< HEAD
     "dinov2": MethodEntry("visrep.methods.dinov2", "DINOv2Config", "DINOv2"),
-=======
     "clip": MethodEntry("visrep.methods.clip", "CLIPConfig", "CLIP"),
     "siglip": MethodEntry("visrep.methods.clip", "SigLIPConfig", "SigLIP"),
     "llip": MethodEntry("visrep.methods.llip", "LlipConfig", "Llip"),
->>>>>>> vl
 }
 
 
