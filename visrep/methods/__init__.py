@@ -27,6 +27,8 @@ METHODS: dict[str, MethodEntry] = {
     "ijepa": MethodEntry("visrep.methods.ijepa", "IJEPAConfig", "IJEPA"),
     "stop": MethodEntry("visrep.methods.stop", "StoPConfig", "StoP"),
     "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
+    "msn": MethodEntry("visrep.methods.msn", "MSNConfig", "MSN"),
+    "pmsn": MethodEntry("visrep.methods.msn", "PMSNConfig", "MSN"),
 }
 
 
