@@ -29,6 +29,7 @@ METHODS: dict[str, MethodEntry] = {
     "iwm": MethodEntry("visrep.methods.iwm", "IWMConfig", "IWM"),
     "msn": MethodEntry("visrep.methods.msn", "MSNConfig", "MSN"),
     "pmsn": MethodEntry("visrep.methods.msn", "PMSNConfig", "MSN"),
+    "paws": MethodEntry("visrep.methods.paws", "PAWSConfig", "PAWS"),
 }
 
 
