@@ -195,8 +195,12 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
     return evaluate_feature_sets(fns, cfg, out_dir, title="evaluation", notes=notes)
 
 
-# protocols a method answers itself: name -> (capability, what the number is)
-METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR")}
+# protocols a method answers itself: name -> (capability, what the number is). "mrr" gets test images
+# (``capability(images, n_candidates=, generator=)``); the others get the labelled splits
+# (``capability(train_images, train_labels, test_images, test_labels)``), e.g. PAWS's soft nearest
+# neighbours over its own labelled subset.
+METHOD_PROTOCOLS = {"mrr": ("world_model_mrr", "world-model MRR"),
+                    "snn": ("snn_accuracy", "soft nearest-neighbour top-1 % over the labelled subset")}
 
 
 def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
@@ -204,14 +208,19 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float:
     if not hasattr(method, capability):
         raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
                          f"{cfg.method.name} has none")
-    images = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
-                         cfg.data.image_size)[0]
+    transform = uint8_eval_transform(cfg.data.image_size)
+    images, labels = eval_images(load_split(cfg, "test", transform=transform), cfg.data.image_size)
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"protocol {protocol!r} needs an in-memory test set")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method.to(device)
-    return getattr(method, capability)(images[:cfg.eval.mrr_samples], n_candidates=cfg.eval.mrr_candidates,
-                                       generator=torch.Generator().manual_seed(cfg.train.seed))
+    if protocol == "mrr":
+        return getattr(method, capability)(images[:cfg.eval.mrr_samples], n_candidates=cfg.eval.mrr_candidates,
+                                           generator=torch.Generator().manual_seed(cfg.train.seed))
+    train_images, train_labels = eval_images(load_split(cfg, "train", transform=transform), cfg.data.image_size)
+    if not isinstance(train_images, torch.Tensor):
+        raise ValueError(f"protocol {protocol!r} needs an in-memory training set")
+    return getattr(method, capability)(train_images, train_labels, images, labels)
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:

@@ -205,6 +205,24 @@ class PAWS(Method):
         self.train(was)
         return snn(q, s, y, self.cfg.temperature)
 
+    def labelled_subset(self, train_labels: Tensor) -> Tensor:
+        """Indices of the labelled subset the support stream draws from (the same seed, the same
+        choice as in training, for the same training set)."""
+        from types import SimpleNamespace
+
+        from visrep.data.streams import ClassBalancedIndices
+
+        return ClassBalancedIndices(SimpleNamespace(targets=train_labels.cpu()), self.streams()["supports"],
+                                    name="supports", seed=self.run_cfg.train.seed, rank=0, world_size=1).labelled
+
+    @torch.no_grad()
+    def snn_accuracy(self, train_images: Tensor, train_labels: Tensor, test_images: Tensor,
+                     test_labels: Tensor) -> float:
+        """The paper's evaluation: soft nearest neighbours over the labelled training subset, top-1 %."""
+        idx = self.labelled_subset(train_labels)
+        scores = self.snn_classify(train_images[idx], train_labels[idx], test_images)
+        return (scores.argmax(1).cpu() == test_labels.cpu()).float().mean().item() * 100
+
     def eval_module(self) -> nn.Module:
         return self.encoder
 

@@ -1,0 +1,74 @@
+"""MSN / PMSN / PAWS method details not covered by the contract and parity tests."""
+import pytest
+import torch
+
+from visrep.config import ConfigError, load_config
+from visrep.methods import build_method
+from visrep.methods.base import DataInfo
+from visrep.methods.msn import encode_views, num_kept
+from visrep.models import VisionTransformer
+
+INFO = DataInfo(in_chans=3, image_size=16, num_classes=6)
+
+
+def _cfg(name, *overrides):
+    return load_config(f"visrep/configs/{name}/tiny.yaml", ["train.out_dir=/tmp/unused", *overrides])
+
+
+def test_patch_drop_masks_only_the_first_run_of_views():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, pos_embed="learned",
+                            class_token=True, interpolate_offset=0.0, interpolate_float32=False)
+    views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)]
+    keep = torch.randperm(16)[:num_kept(16, 0.25)].expand(2, -1)
+    masked, full = encode_views(vit, views, keep), encode_views(vit, views, None)
+    assert masked.shape == (6, 32)
+    assert not torch.allclose(masked[:2], full[:2])
+    torch.testing.assert_close(masked[2:], full[2:])          # focal views are never masked
+
+
+def test_pmsn_is_msn_with_a_power_law_prior():
+    msn, pmsn = (build_method(_cfg(n), INFO) for n in ("msn", "pmsn"))
+    assert msn.prior is None and type(msn) is type(pmsn)
+    k = pmsn.prototypes.shape[0]
+    w = torch.arange(1, k + 1, dtype=torch.float64) ** -0.25
+    torch.testing.assert_close(pmsn.prior.double(), w / w.sum())
+    flat = build_method(_cfg("pmsn", "method.prior_exponent=0"), INFO)
+    torch.testing.assert_close(flat.prior, torch.full((k,), 1.0 / k))
+
+
+def test_prototype_gradient_is_summed_over_processes(monkeypatch):
+    from visrep import distributed as D
+    from visrep.methods.base import Step
+
+    method = build_method(_cfg("msn", "method.proto_grad_reduce=sum", "method.clip_grad=null"), INFO)
+    method.prototypes.grad = torch.ones_like(method.prototypes)
+    monkeypatch.setattr(D, "world_in", lambda group=None: 2)
+    method.before_optimizer_step(Step(0, 0, 10, 5))
+    assert torch.equal(method.prototypes.grad, torch.full_like(method.prototypes, 2.0))
+    groups = method.param_groups()
+    proto = [g for g in groups if any(p is method.prototypes for p in g["params"])]
+    assert len(proto) == 1 and proto[0]["wd_exclude"] and proto[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name, override, words", [
+    ("msn", "model.class_token=false", "class_token"),
+    ("msn", "optim.clip_grad=1.0", "method.clip_grad"),
+    ("msn", "method.focal_size=10", "focal_size"),
+    ("msn", "method.patch_drop=1.0", "patch_drop"),
+    ("paws", "method.label_fraction=0.1", "exactly one"),
+    ("paws", "model.class_token=false", "class_token"),
+])
+def test_bad_configs_are_rejected(name, override, words):
+    with pytest.raises(ConfigError, match=words):
+        _cfg(name, override)
+
+
+def test_paws_snn_accuracy_uses_the_training_labelled_subset():
+    method = build_method(_cfg("paws"), INFO).eval()
+    labels = torch.arange(6).repeat(10)
+    idx = method.labelled_subset(labels)
+    assert idx.numel() == 6 * 4 and torch.equal(labels[idx].bincount(), torch.full((6,), 4))
+    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8)
+    acc = method.snn_accuracy(images, labels, images[:12], labels[:12])
+    assert 0.0 <= acc <= 100.0
