@@ -72,3 +72,39 @@ def test_paws_snn_accuracy_uses_the_training_labelled_subset():
     images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8)
     acc = method.snn_accuracy(images, labels, images[:12], labels[:12])
     assert 0.0 <= acc <= 100.0
+
+
+def test_long_tailed_subset_and_label_split_files(tmp_path):
+    from visrep.data.subsets import (
+        label_split,
+        long_tailed_counts,
+        long_tailed_indices,
+        read_label_split,
+        write_label_split,
+    )
+
+    counts = long_tailed_counts(10, 1000, 100.0, "power")
+    assert counts[0] == 1000 and counts[-1] == 10 and counts == sorted(counts, reverse=True)
+    assert long_tailed_counts(10, 1000, 100.0, "exponential")[-1] == 10
+    labels = torch.arange(10).repeat_interleave(200)
+    idx = long_tailed_indices(labels, 20.0, seed=3)
+    got = labels[idx].bincount(minlength=10)
+    assert got[0] == 200 and got[-1] == 10
+    assert torch.equal(idx, long_tailed_indices(labels, 20.0, seed=3))
+    split = label_split(labels, per_class=5, seed=1)
+    assert torch.equal(labels[split].bincount(), torch.full((10,), 5))
+    path = write_label_split(tmp_path / "5imgs_class.txt", split, comment="5 per class\nseed 1")
+    assert torch.equal(read_label_split(path), split)
+    # PAWS's supports come from exactly the file's images
+    method = build_method(_cfg("paws", "method.labels_per_class=null", f"method.labels_file={path}"), INFO)
+    sub = label_split(torch.arange(6).repeat(10), per_class=2, seed=0)
+    write_label_split(path, sub)
+    assert torch.equal(method.labelled_subset(torch.arange(6).repeat(10)), sub)
+
+
+def test_long_tailed_training_split():
+    from visrep.runner import load_split
+
+    cfg = _cfg("msn", "data.long_tail_ratio=10")
+    counts = load_split(cfg, "train").tensors()[1].bincount()
+    assert counts.max() / counts.min() == pytest.approx(10, rel=0.1)

@@ -31,6 +31,8 @@ class DataConfig:
     pin_memory: bool | None = None   # None: on when training on CUDA
     in_memory: bool = True              # use the batched in-memory path when the dataset allows it
     train_subset: int | None = None  # use only the first N training images (quick runs)
+    long_tail_ratio: float | None = None  # keep a long-tailed subset of the training set (e.g. 100)
+    long_tail_profile: Literal["power", "exponential"] = "power"
 
 
 @dataclass

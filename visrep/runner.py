@@ -26,7 +26,25 @@ def load_split(cfg: Config, split: str, transform=None):
     ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform, **kw)
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
+    if split == "train" and cfg.data.long_tail_ratio:
+        ds = _long_tailed(ds, cfg.data.long_tail_ratio, cfg.data.long_tail_profile, cfg.train.seed)
     return ds
+
+
+def _long_tailed(ds, ratio: float, profile: str, seed: int):
+    """A long-tailed subset of an in-memory training set (``visrep.data.subsets.long_tailed_indices``)."""
+    from visrep.data.datasets import TensorImageDataset
+    from visrep.data.subsets import long_tailed_indices
+
+    if not hasattr(ds, "tensors"):
+        raise ValueError("data.long_tail_ratio needs an in-memory dataset (fashion_mnist, cifar10, procedural)")
+    images, labels = ds.tensors()
+    idx = long_tailed_indices(labels, ratio, seed=seed, profile=profile)
+    sub = TensorImageDataset(images[idx], labels[idx], transform=getattr(ds, "transform", None))
+    for attr in ("num_classes", "classes"):
+        if hasattr(ds, attr):
+            setattr(sub, attr, getattr(ds, attr))
+    return sub
 
 
 def _subset(ds, n: int):

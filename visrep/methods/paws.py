@@ -15,13 +15,14 @@ Assignments with Support Samples", ICCV 2021; official code facebookresearch/sun
     step SGD (momentum 0.9) in LARS (biases and BN excluded), weight decay 1e-6
 
 No teacher: targets come from the same network without gradient. The main stream is the whole
-training set (labelled images included, as the official code); the ``supports`` stream draws from a
-labelled subset (``labels_per_class`` images per class or a ``label_fraction`` of each class,
-chosen once from the seed) ``classes x per_class`` images per step and process, each process its
-own; the loss all-gathers the supports (gradients flow back to each rank's own). Labels are smoothed
-one-hot rows over the dataset's classes (off = eps / C, on = 1 - eps + off): the official labels
-matrix has the step's C classes as columns -- the same when every class is in every step (the
-CIFAR-10 and Fashion-MNIST settings).
+training set (labelled images included, as the official code); the ``supports`` stream draws
+``classes x per_class`` images per step and process (each process its own) from a labelled subset:
+``labels_per_class`` images per class, a ``label_fraction`` of each class (chosen once from the
+seed), or the images of a label-split file (``method.labels_file``, written by
+:func:`visrep.data.subsets.write_label_split`). The loss all-gathers the supports (gradients flow
+back to each rank's own). Labels are smoothed one-hot rows over the dataset's classes (off = eps / C,
+on = 1 - eps + off): the official labels matrix has the step's C classes as columns -- the same when
+every class is in every step (the CIFAR-10 and Fashion-MNIST settings).
 
 Backbone: our ViT ([CLS] token after the final norm); the
 official code uses ResNet-50 / WRN-28-2 (not here yet). Projection head ``fc1-bn1-relu1-fc2-bn2-
@@ -62,7 +63,8 @@ class PAWSConfig:
     supports_per_class: int = 6                 # images per class per step and process
     supervised_views: int = 2
     labels_per_class: int | None = None         # the labelled subset: a count per class ...
-    label_fraction: float | None = 0.1          # ... or a fraction of each class
+    label_fraction: float | None = 0.1          # ... or a fraction of each class ...
+    labels_file: str | None = None              # ... or a label-split file (visrep.data.subsets)
     multicrop: int = 6
     crop_scale: tuple[float, float] = (0.75, 1.0)
     mc_size: int = 18
@@ -87,8 +89,9 @@ class PAWS(Method):
         if not mc.class_token:
             raise ConfigError("PAWS (ViT backbone) represents an image by its [CLS] token: "
                               "model.class_token must be true")
-        if (m.labels_per_class is None) == (m.label_fraction is None):
-            raise ConfigError("PAWS: set exactly one of method.labels_per_class and method.label_fraction")
+        if sum(v is not None for v in (m.labels_per_class, m.label_fraction, m.labels_file)) != 1:
+            raise ConfigError("PAWS: set exactly one of method.labels_per_class, method.label_fraction and "
+                              "method.labels_file (the others null)")
         if m.label_fraction is not None and not 0 < m.label_fraction <= 1:
             raise ConfigError(f"method.label_fraction={m.label_fraction} must be in (0, 1]")
         if m.supports_per_class < 1 or m.supervised_views < 1:
@@ -123,7 +126,7 @@ class PAWS(Method):
         return {"main": StreamSpec(),
                 "supports": StreamSpec(sampler="class_balanced", classes=m.classes_per_batch,
                                        per_class=m.supports_per_class, labels_per_class=m.labels_per_class,
-                                       label_fraction=m.label_fraction)}
+                                       label_fraction=m.label_fraction, labelled_file=m.labels_file)}
 
     # -- data ------------------------------------------------------------------------------------
     def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
