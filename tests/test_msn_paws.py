@@ -108,3 +108,19 @@ def test_long_tailed_training_split():
     cfg = _cfg("msn", "data.long_tail_ratio=10")
     counts = load_split(cfg, "train").tensors()[1].bincount()
     assert counts.max() / counts.min() == pytest.approx(10, rel=0.1)
+
+
+def test_paws_resnet_backbone_trains_one_step():
+    from visrep.methods.base import Step
+
+    cfg = _cfg("paws", "method.backbone=resnet18", "method.mc_size=12")
+    method = build_method(cfg, INFO)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    sup = {"image": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), "label": torch.arange(4).repeat(2)}
+    batch = method.prepare_batch({"image": x, "label": torch.zeros(4, dtype=torch.long), "index": torch.arange(4),
+                                  "supports": sup}, g)
+    out = method.training_step(batch, Step(0, 0, 10, 5))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and method.encoder.net.conv1.weight.grad is not None
+    assert method.features(x).shape == (4, method.feature_dim) == (4, 512)

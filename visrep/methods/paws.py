@@ -52,6 +52,7 @@ from .msn import encode_views, no_decay_msn
 @dataclass
 class PAWSConfig:
     name: Literal["paws"] = "paws"
+    backbone: Literal["vit", "resnet18", "resnet50"] = "vit"   # resnet*: torchvision, pooled output
     hidden_dim: int = 2048
     output_dim: int = 128
     use_pred_head: bool = False
@@ -86,7 +87,7 @@ class PAWS(Method):
         from visrep.config import ConfigError
 
         m, mc = cfg.method, cfg.model
-        if not mc.class_token:
+        if m.backbone == "vit" and not mc.class_token:
             raise ConfigError("PAWS (ViT backbone) represents an image by its [CLS] token: "
                               "model.class_token must be true")
         if sum(v is not None for v in (m.labels_per_class, m.label_fraction, m.labels_file)) != 1:
@@ -97,7 +98,7 @@ class PAWS(Method):
         if m.supports_per_class < 1 or m.supervised_views < 1:
             raise ConfigError("method.supports_per_class and method.supervised_views must be >= 1")
         for key, size in (("data.image_size", cfg.data.image_size), ("method.mc_size", m.mc_size)):
-            if size % mc.patch_size:
+            if m.backbone == "vit" and size % mc.patch_size:
                 raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
         if not 0 <= m.label_smoothing < 1 or m.temperature <= 0 or m.sharpen <= 0:
             raise ConfigError("method.label_smoothing must be in [0, 1), temperature and sharpen > 0")
@@ -113,8 +114,11 @@ class PAWS(Method):
         self.image_size = cfg.data.image_size
         self.num_classes = self.data_info.num_classes
         self.normalize = Normalize(self.data_info.mean, self.data_info.std)
-        self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
-        self.head = ProjectionHead(mc.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")
+        if m.backbone == "vit":
+            self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
+        else:
+            self.encoder = TorchvisionResNet(m.backbone, self.data_info.in_chans)
+        self.head = ProjectionHead(self.encoder.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")
         self.pred = PredictionHead(m.output_dim) if m.use_pred_head else None
         s = m.color_jitter
         self.spec = PhotometricSpec(jitter_p=m.jitter_p, grayscale_p=m.grayscale_p, blur_p=m.blur_p,
@@ -189,6 +193,10 @@ class PAWS(Method):
     def features(self, images: Tensor) -> Tensor:
         return self.encoder(self.normalize(images))[:, 0]
 
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.embed_dim
+
     @torch.no_grad()
     def snn_classify(self, support_images: Tensor, support_labels: Tensor, query_images: Tensor,
                      batch_size: int = 512) -> Tensor:
@@ -231,3 +239,29 @@ class PAWS(Method):
 
     def export_modules(self) -> dict[str, Export]:
         return {"encoder": Export(self.encoder, module_metadata(self.encoder))}
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet trunk (no classifier) as PAWS's backbone: ``forward(x)`` returns the
+    globally pooled features as one token ``[B, 1, D]`` (the shape the ViT path reads its [CLS]
+    from). Init as the official ``resnet.py`` (kaiming_normal fan_out convs, BN 1/0,
+    zero_init_residual False = torchvision's default). ``in_chans`` != 3 replaces the stem conv.
+    BatchNorm2d is per process (the official code converts to SyncBN when distributed)."""
+
+    def __init__(self, name: str = "resnet50", in_chans: int = 3):
+        super().__init__()
+        import torchvision
+
+        self.arch = dict(name=name, in_chans=in_chans)
+        net = getattr(torchvision.models, name)(weights=None)
+        if in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.embed_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: Tensor, idx_keep: Tensor | None = None) -> Tensor:
+        if idx_keep is not None:
+            raise ValueError("a ResNet backbone does not drop patches")
+        return self.net(x).unsqueeze(1)
