@@ -7,14 +7,10 @@ k-NN@20 67.1 vs 61.5 at random init, 5-shot 46.4 vs 35.4 (3 splits).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
+from test_learning import needs_fmnist
 
 from visrep.cli import resolve_config
-
-needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 STEPS = 150
 

@@ -133,6 +133,17 @@ def encode_views(encoder: nn.Module, views: Sequence[Tensor], idx_keep: Tensor |
     return torch.cat(out)
 
 
+def augmented_views(images: Tensor, n: int, size: int, scale, spec: PhotometricSpec, normalize: nn.Module,
+                    hflip: bool, generator: torch.Generator) -> Tensor:
+    """``n`` random resized crops of every image (+ flip, photometric ``spec``, normalisation) in one
+    batched call: ``[B, n, C, size, size]`` (per-sample leading dim, so sharding a batch shards them)."""
+    B = images.shape[0]
+    crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
+                                      hflip=hflip)                                  # view-major
+    crops, _ = photometric(crops, spec, generator)
+    return normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
+
+
 def no_decay_msn(name: str, p: Tensor) -> bool:
     """Official ``init_opt``: no weight decay for names containing ``bias`` or ``bn`` and 1-D tensors."""
     return "bias" in name or "bn" in name or p.ndim == 1
@@ -201,12 +212,7 @@ class MSN(Method):
 
     # -- data ------------------------------------------------------------------------------------
     def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
-        """``n`` augmented crops of every image in one batched call: ``[B, n, C, size, size]``."""
-        B = images.shape[0]
-        crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
-                                          hflip=self.cfg.hflip)                          # view-major
-        crops, _ = photometric(crops, self.spec, generator)
-        return self.normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
+        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         m = self.cfg

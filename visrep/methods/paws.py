@@ -38,15 +38,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from visrep.data.transforms import batch_random_resized_crop
-from visrep.data.views import PhotometricSpec, photometric
+from visrep.data.views import PhotometricSpec
 from visrep.losses import paws_loss, smoothed_one_hot, snn
 from visrep.models import Normalize, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
 from visrep.optim.groups import decay_groups
 
 from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
-from .msn import encode_views, no_decay_msn
+from .msn import augmented_views, encode_views, no_decay_msn
 
 
 @dataclass
@@ -134,12 +133,7 @@ class PAWS(Method):
 
     # -- data ------------------------------------------------------------------------------------
     def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
-        """``n`` augmented crops per image in one batched call: ``[B, n, C, size, size]``."""
-        B = images.shape[0]
-        crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
-                                          hflip=self.cfg.hflip)
-        crops, _ = photometric(crops, self.spec, generator)
-        return self.normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
+        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         m = self.cfg
