@@ -124,3 +124,17 @@ def test_paws_resnet_backbone_trains_one_step():
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and method.encoder.net.conv1.weight.grad is not None
     assert method.features(x).shape == (4, method.feature_dim) == (4, 512)
+
+
+def test_snn_protocol_through_the_runner(tmp_path):
+    from visrep.engine import train
+    from visrep.runner import evaluate_checkpoint, load_split
+
+    cfg = _cfg("paws", "train.max_steps=1", f"train.out_dir={tmp_path}")
+    ds = load_split(cfg, "train")
+    torch.manual_seed(0)
+    method = build_method(cfg, INFO)
+    result = train(cfg, method, ds)
+    out, _ = evaluate_checkpoint([result.checkpoint], protocols=["snn"], out_dir=str(tmp_path / "eval"))
+    (value,) = out["method_protocols"].values()
+    assert 0.0 <= value <= 100.0

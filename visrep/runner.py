@@ -188,7 +188,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
                         overrides: Sequence[str] = ()):
     method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
     protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
-    overrides = list(overrides) + [f"eval.protocols={','.join(protocols)}"]
+    overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]  # [] when only method protocols
     if data_root:
         overrides.append(f"data.root={data_root}")
     fns, notes, cfg, extra = {}, [], None, {}

@@ -79,7 +79,7 @@ class PAWSConfig:
 
 
 class PAWS(Method):
-    feature_description = "PAWS probe features: the backbone's output ([CLS] or patch average), before the heads"
+    feature_description = "PAWS probe features: the backbone output ([CLS] or pooled ResNet features), before the heads"
 
     @classmethod
     def validate(cls, cfg) -> None:
