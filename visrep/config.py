@@ -34,6 +34,8 @@ class DataConfig:
     train_subset: int | None = None  # use only the first N training images (quick runs)
     subset_file: str | None = None   # train on the listed images only (indices or paths; `visrep curate`)
     caption_templates: list[str] | None = None  # captions from class names ("a photo of a {}.") for labelled data
+    long_tail_ratio: float | None = None  # keep a long-tailed subset of the training set (e.g. 100)
+    long_tail_profile: Literal["power", "exponential"] = "power"
 
 
 @dataclass
@@ -61,7 +63,7 @@ class OptimConfig:
     (warm-up 2e-4 -> 1e-3, cosine to 1e-6, weight decay 0.04 -> 0.4), the critical-gradient
     optimizers their reference defaults (constant lr, no momentum, no weight decay)."""
 
-    name: Literal["adamw", "sgd", "sgd_c", "adam_c", "rmsprop_c"] = "adamw"
+    name: Literal["adamw", "sgd", "lars", "sgd_c", "adam_c", "rmsprop_c"] = "adamw"
     lr: float | None = None       # peak lr (scaled linearly with batch size if lr_batch_ref is set)
     start_lr: float | None = None  # warmup starts here (null: the optimizer's default, else lr)
     final_lr: float | None = None
@@ -69,7 +71,8 @@ class OptimConfig:
     weight_decay: float | None = None
     final_weight_decay: float | None = None  # cosine weight-decay schedule end (null: constant)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float | None = None  # SGD / SGD_C / RMSprop_C momentum
+    momentum: float | None = None  # SGD / LARS / SGD_C / RMSprop_C momentum
+    lars_eta: float = 0.001          # LARS trust coefficient (PAWS)
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
     clip_grad: float | None = None

@@ -32,6 +32,14 @@ def load_split(cfg: Config, split: str, transform=None):
         ds = _subset(ds, read_file_list(cfg.data.subset_file, names))
     if split == "train" and cfg.data.train_subset:
         ds = _subset(ds, cfg.data.train_subset)
+    if split == "train" and cfg.data.long_tail_ratio:
+        from visrep.data.subsets import long_tailed_indices
+
+        if not hasattr(ds, "tensors"):
+            raise ValueError("data.long_tail_ratio needs an in-memory dataset (fashion_mnist, cifar10, procedural)")
+        idx = long_tailed_indices(ds.tensors()[1], cfg.data.long_tail_ratio, seed=cfg.train.seed,
+                                  profile=cfg.data.long_tail_profile)
+        ds = _subset(ds, idx.tolist())
     if cfg.data.caption_templates:
         from visrep.data.captions import TemplateCaptions
 
@@ -179,7 +187,7 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
                         overrides: Sequence[str] = ()):
     method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
     protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
-    overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]
+    overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]  # [] when only method protocols
     if data_root:
         overrides.append(f"data.root={data_root}")
     fns, notes, cfg, extra = {}, [], None, {}
@@ -214,6 +222,7 @@ METHOD_PROTOCOLS = {
     "predictor_ft": ("predictor_finetune", "top-1 with the encoder frozen, predictor + attentive head fine-tuned"),
     "zeroshot": ("encode_text", "zero-shot classification (%)"),
     "retrieval": ("encode_text", "image-text retrieval recall (%)"),
+    "snn": ("snn_accuracy", "soft nearest-neighbour top-1 % over the labelled subset"),
 }
 
 
@@ -251,6 +260,9 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict
         keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
         return method.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
                                          lr=e.finetune_lr, generator=g)
+    if protocol == "snn":
+        _, x, y = _split_images(cfg, protocol, "train")
+        return method.snn_accuracy(x, y, images, labels)
     if protocol == "zeroshot":
         from visrep.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classification
 

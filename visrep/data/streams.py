@@ -89,8 +89,16 @@ class ClassBalancedIndices:
         self.spec = spec
         g = torch.Generator().manual_seed(mix_seed(seed, self._tag, 0x5EED))
         self.pools: list[Tensor] = []
+        allowed = None
+        if getattr(spec, "labelled_file", None):
+            from visrep.data.subsets import read_label_split
+
+            allowed = torch.zeros(labels.numel(), dtype=torch.bool)
+            allowed[read_label_split(spec.labelled_file)] = True
         for c in torch.unique(labels[labels >= 0]).tolist():
-            idx = (labels == c).nonzero().flatten()
+            idx = ((labels == c) if allowed is None else (labels == c) & allowed).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
             idx = idx[torch.randperm(idx.numel(), generator=g)]
             if spec.labels_per_class is not None:
                 idx = idx[:spec.labels_per_class]

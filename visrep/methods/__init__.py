@@ -31,6 +31,9 @@ METHODS: dict[str, MethodEntry] = {
     "clip": MethodEntry("visrep.methods.clip", "CLIPConfig", "CLIP"),
     "siglip": MethodEntry("visrep.methods.clip", "SigLIPConfig", "SigLIP"),
     "llip": MethodEntry("visrep.methods.llip", "LlipConfig", "Llip"),
+    "msn": MethodEntry("visrep.methods.msn", "MSNConfig", "MSN"),
+    "pmsn": MethodEntry("visrep.methods.msn", "PMSNConfig", "MSN"),
+    "paws": MethodEntry("visrep.methods.paws", "PAWSConfig", "PAWS"),
 }
 
 

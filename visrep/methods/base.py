@@ -94,7 +94,8 @@ class StreamSpec:
     ``sampler="epoch"``: the shuffled, sharded epoch order (the main stream). ``"class_balanced"``:
     each step ``classes`` classes (None: all) x ``per_class`` images, drawn from a labelled subset
     (``labels_per_class`` images per class, or a ``label_fraction`` of each class; None: every
-    labelled image), chosen once from ``seed``; each process draws its own images (seeded by seed,
+    labelled image; ``labelled_file``: the indices of a label-split file, see
+    :mod:`visrep.data.subsets`), chosen once from ``seed``; each process draws its own images (seeded by seed,
     stream, step and rank), so a resumed run gets the same supports. ``batch_size=None``: the run's
     ``train.batch_size`` (main stream only). ``captions=True`` adds each image's captions.
     """
@@ -106,6 +107,7 @@ class StreamSpec:
     per_class: int = 1
     labels_per_class: int | None = None
     label_fraction: float | None = None
+    labelled_file: str | None = None       # the labelled subset from a label-split file (dataset indices)
 
 
 @dataclass

@@ -215,6 +215,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-6,
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
+        interpolate_float32: bool = True,
         rescale_init: bool = True,
         patch_init: str = "trunc_normal",
         register_pos: bool = False,
@@ -230,7 +231,8 @@ class VisionTransformer(nn.Module):
                          class_token=class_token, num_registers=num_registers, mask_token=mask_token,
                          init_values=init_values, norm_eps=norm_eps, interpolate_offset=interpolate_offset,
                          interpolate_antialias=interpolate_antialias, register_pos=register_pos,
-                         pre_norm=pre_norm, act_layer=act_layer, patch_bias=patch_bias)
+                         pre_norm=pre_norm, act_layer=act_layer, patch_bias=patch_bias,
+                         interpolate_float32=interpolate_float32)
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -248,6 +250,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
+        self.interpolate_float32 = interpolate_float32
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False,
                                       bias=patch_bias)
@@ -295,9 +298,10 @@ class VisionTransformer(nn.Module):
             return pos
         if self.pos_embed_type == "sincos":
             return sincos_pos_embed_2d(self.embed_dim, grid_h, grid_w).to(pos).unsqueeze(0)
-        # learned: bicubic resize in float32, as DINOv2 (scale factor (g + offset) / g_native)
+        # learned: bicubic resize in float32, as DINOv2 (scale factor (g + offset) / g_native); MSN
+        # resizes in the model's dtype to the target grid (interpolate_float32=False, offset 0)
         gh, gw = self.grid
-        grid = pos.float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = (pos.float() if self.interpolate_float32 else pos).reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         kwargs = ({"scale_factor": ((grid_h + self.interpolate_offset) / gh, (grid_w + self.interpolate_offset) / gw)}
                   if self.interpolate_offset else {"size": (grid_h, grid_w)})
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **kwargs)

@@ -24,6 +24,9 @@ _CONSTANT = dict(start_lr=None, final_lr=None, warmup_epochs=0.0, weight_decay=0
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": dict(lr=1e-3, momentum=0.0, **_SCHEDULED),
     "sgd": dict(lr=1e-3, momentum=0.9, **_SCHEDULED),
+    # PAWS (suncet): SGD momentum 0.9 in LARS, constant weight decay 1e-6
+    "lars": dict(lr=1e-3, momentum=0.9, start_lr=None, final_lr=None, warmup_epochs=0.0, weight_decay=1e-6,
+                 final_weight_decay=None),
     "sgd_c": dict(lr=1e-3, momentum=0.0, **_CONSTANT),
     "adam_c": dict(lr=1e-3, momentum=0.0, **_CONSTANT),
     "rmsprop_c": dict(lr=1e-2, momentum=0.0, **_CONSTANT),
@@ -76,7 +79,7 @@ def _fused_ok(groups: list[dict]) -> bool:
 
 
 def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """``cfg`` is an :class:`~visrep.config.OptimConfig`. Names: adamw, sgd, sgd_c, adam_c, rmsprop_c.
+    """``cfg`` is an :class:`~visrep.config.OptimConfig`. Names: adamw, sgd, lars, sgd_c, adam_c, rmsprop_c.
 
     adamw uses PyTorch's fused kernel (CUDA or CPU; on CPU about 5x faster than the foreach path,
     which falls back to one op per tensor there), the foreach path where fusing is not possible.
@@ -98,6 +101,10 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, foreach=True, **kw)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    if name == "lars":
+        from visrep.optim.lars import LARS
+
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     if name in _CRITICAL:
         from visrep.optim import critical
 
@@ -113,7 +120,7 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         else:
             kw.update(eps=cfg.eps, momentum=cfg.momentum)
         return cls(groups, **kw)
-    raise ValueError(f"optim.name: unknown optimizer {name!r}; allowed: adamw, sgd, {', '.join(_CRITICAL)}")
+    raise ValueError(f"optim.name: unknown optimizer {name!r}; allowed: adamw, sgd, lars, {', '.join(_CRITICAL)}")
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, step: int = 0) -> None:

@@ -1,0 +1,140 @@
+"""MSN / PMSN / PAWS method details not covered by the contract and parity tests."""
+import pytest
+import torch
+
+from visrep.config import ConfigError, load_config
+from visrep.methods import build_method
+from visrep.methods.base import DataInfo
+from visrep.methods.msn import encode_views, num_kept
+from visrep.models import VisionTransformer
+
+INFO = DataInfo(in_chans=3, image_size=16, num_classes=6)
+
+
+def _cfg(name, *overrides):
+    return load_config(f"visrep/configs/{name}/tiny.yaml", ["train.out_dir=/tmp/unused", *overrides])
+
+
+def test_patch_drop_masks_only_the_first_run_of_views():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, pos_embed="learned",
+                            class_token=True, interpolate_offset=0.0, interpolate_float32=False)
+    views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)]
+    keep = torch.randperm(16)[:num_kept(16, 0.25)].expand(2, -1)
+    masked, full = encode_views(vit, views, keep), encode_views(vit, views, None)
+    assert masked.shape == (6, 32)
+    assert not torch.allclose(masked[:2], full[:2])
+    torch.testing.assert_close(masked[2:], full[2:])          # focal views are never masked
+
+
+def test_pmsn_is_msn_with_a_power_law_prior():
+    msn, pmsn = (build_method(_cfg(n), INFO) for n in ("msn", "pmsn"))
+    assert msn.prior is None and type(msn) is type(pmsn)
+    k = pmsn.prototypes.shape[0]
+    w = torch.arange(1, k + 1, dtype=torch.float64) ** -0.25
+    torch.testing.assert_close(pmsn.prior.double(), w / w.sum())
+    flat = build_method(_cfg("pmsn", "method.prior_exponent=0"), INFO)
+    torch.testing.assert_close(flat.prior, torch.full((k,), 1.0 / k))
+
+
+def test_prototype_gradient_is_summed_over_processes(monkeypatch):
+    from visrep import distributed as D
+    from visrep.methods.base import Step
+
+    method = build_method(_cfg("msn", "method.proto_grad_reduce=sum", "method.clip_grad=null"), INFO)
+    method.prototypes.grad = torch.ones_like(method.prototypes)
+    monkeypatch.setattr(D, "world_in", lambda group=None: 2)
+    method.before_optimizer_step(Step(0, 0, 10, 5))
+    assert torch.equal(method.prototypes.grad, torch.full_like(method.prototypes, 2.0))
+    groups = method.param_groups()
+    proto = [g for g in groups if any(p is method.prototypes for p in g["params"])]
+    assert len(proto) == 1 and proto[0]["wd_exclude"] and proto[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name, override, words", [
+    ("msn", "model.class_token=false", "class_token"),
+    ("msn", "optim.clip_grad=1.0", "method.clip_grad"),
+    ("msn", "method.focal_size=10", "focal_size"),
+    ("msn", "method.patch_drop=1.0", "patch_drop"),
+    ("paws", "method.label_fraction=0.1", "exactly one"),
+    ("paws", "model.class_token=false", "class_token"),
+])
+def test_bad_configs_are_rejected(name, override, words):
+    with pytest.raises(ConfigError, match=words):
+        _cfg(name, override)
+
+
+def test_paws_snn_accuracy_uses_the_training_labelled_subset():
+    method = build_method(_cfg("paws"), INFO).eval()
+    labels = torch.arange(6).repeat(10)
+    idx = method.labelled_subset(labels)
+    assert idx.numel() == 6 * 4 and torch.equal(labels[idx].bincount(), torch.full((6,), 4))
+    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8)
+    acc = method.snn_accuracy(images, labels, images[:12], labels[:12])
+    assert 0.0 <= acc <= 100.0
+
+
+def test_long_tailed_subset_and_label_split_files(tmp_path):
+    from visrep.data.subsets import (
+        label_split,
+        long_tailed_counts,
+        long_tailed_indices,
+        read_label_split,
+        write_label_split,
+    )
+
+    counts = long_tailed_counts(10, 1000, 100.0, "power")
+    assert counts[0] == 1000 and counts[-1] == 10 and counts == sorted(counts, reverse=True)
+    assert long_tailed_counts(10, 1000, 100.0, "exponential")[-1] == 10
+    labels = torch.arange(10).repeat_interleave(200)
+    idx = long_tailed_indices(labels, 20.0, seed=3)
+    got = labels[idx].bincount(minlength=10)
+    assert got[0] == 200 and got[-1] == 10
+    assert torch.equal(idx, long_tailed_indices(labels, 20.0, seed=3))
+    split = label_split(labels, per_class=5, seed=1)
+    assert torch.equal(labels[split].bincount(), torch.full((10,), 5))
+    path = write_label_split(tmp_path / "5imgs_class.txt", split, comment="5 per class\nseed 1")
+    assert torch.equal(read_label_split(path), split)
+    # PAWS's supports come from exactly the file's images
+    method = build_method(_cfg("paws", "method.labels_per_class=null", f"method.labels_file={path}"), INFO)
+    sub = label_split(torch.arange(6).repeat(10), per_class=2, seed=0)
+    write_label_split(path, sub)
+    assert torch.equal(method.labelled_subset(torch.arange(6).repeat(10)), sub)
+
+
+def test_long_tailed_training_split():
+    from visrep.runner import load_split
+
+    cfg = _cfg("msn", "data.long_tail_ratio=10")
+    counts = load_split(cfg, "train").tensors()[1].bincount()
+    assert counts.max() / counts.min() == pytest.approx(10, rel=0.1)
+
+
+def test_paws_resnet_backbone_trains_one_step():
+    from visrep.methods.base import Step
+
+    cfg = _cfg("paws", "method.backbone=resnet18", "method.mc_size=12")
+    method = build_method(cfg, INFO)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    sup = {"image": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), "label": torch.arange(4).repeat(2)}
+    batch = method.prepare_batch({"image": x, "label": torch.zeros(4, dtype=torch.long), "index": torch.arange(4),
+                                  "supports": sup}, g)
+    out = method.training_step(batch, Step(0, 0, 10, 5))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and method.encoder.net.conv1.weight.grad is not None
+    assert method.features(x).shape == (4, method.feature_dim) == (4, 512)
+
+
+def test_snn_protocol_through_the_runner(tmp_path):
+    from visrep.engine import train
+    from visrep.runner import evaluate_checkpoint, load_split
+
+    cfg = _cfg("paws", "train.max_steps=1", f"train.out_dir={tmp_path}")
+    ds = load_split(cfg, "train")
+    torch.manual_seed(0)
+    method = build_method(cfg, INFO)
+    result = train(cfg, method, ds)
+    out, _ = evaluate_checkpoint([result.checkpoint], protocols=["snn"], out_dir=str(tmp_path / "eval"))
+    (value,) = out["method_protocols"].values()
+    assert 0.0 <= value <= 100.0

@@ -1,0 +1,288 @@
+"""MSN (Masked Siamese Networks) and PMSN (MSN with a power-law prior over prototypes).
+
+Assran et al., "Masked Siamese Networks for Label-Efficient Learning", ECCV 2022; official code
+facebookresearch/msn @ 4388dc1 (``src/msn_train.py``, ``src/losses.py``, ``src/deit.py``).
+PMSN: Assran et al., "The Hidden Uniform Cluster Prior in Self-Supervised Learning", ICLR 2023
+(no official code).
+
+    for each batch of images x:
+        t, a_1..a_R = R + 1 random crops of x (rand_size), f_1..f_F = F focal crops (focal_size)
+        a_1..a_R lose a random subset of patches (patch_drop, one permutation for the whole batch);
+        the focal views are not masked
+        with no_grad: h = head'(target_encoder'(t))          # unmasked, EMA copy of encoder + head
+        z = head(encoder([a_1..a_R], idx_keep)), head(encoder([f_1..f_F]))    # one call per size
+        loss = CE(sinkhorn(sharpen(snn(h, P), T)), snn(z, P)) + me_max(mean snn(z, P))
+        step AdamW; prototypes P: no weight decay, gradient summed over processes
+        target <- m * target + (1 - m) * online               (m: 0.996 -> 1 over 1.25 x steps)
+
+``snn(z, P) = softmax(cos(z, P) / tau)``; P are free parameters normalised only inside the loss.
+Representation = [CLS] after the final LayerNorm, then the projection head; each run of views of
+one size goes through encoder and head in one batched call (BN statistics per run, as the official
+``deit.forward``). The target encoder stays in train mode (BN uses target-batch statistics).
+
+Follows the released code (``configs/pretrain/msn_vits16.yaml``): T = 0.25 sharpening (linear
+schedule ``method.sharpen``), 3 Sinkhorn iterations on the targets, ME-MAX = ``sum pbar log pbar +
+log K`` with weight 1, the per-sample entropy term (weight 0 in the release), learned position
+embeddings bicubically resized in the model dtype for the focal crops, init as ``init_model``
+(every Linear trunc_normal(0.02), zero bias; patch projection kaiming_normal(fan_in, relu)),
+weight decay on everything except names with ``bias`` / ``bn`` and 1-D tensors, gradient clipping
+(``method.clip_grad``, 3.0) on encoder + head only, after the prototype gradient is summed over
+processes (``method.proto_grad_reduce=sum``: the official ``AllReduceSum`` -- prototypes are outside
+DDP there; under AdamW a constant scale cancels up to eps; ``mean`` makes 2 processes exactly equal
+1 process). Probe features (``features``): the target encoder's last-block [CLS] *without* the
+final LayerNorm, no head (the official ``forward_blocks(x, 1)`` of ``logistic_eval.py``).
+
+PMSN (``method.name=pmsn``, or ``method.prior=power_law`` on ``msn``): the ME-MAX term becomes a KL
+divergence to the prior ``pi_k ∝ k^(-prior_exponent)`` (0.25 by default) and the Sinkhorn step
+balances the targets to the same marginal (``sinkhorn_follows_prior``), so that the two terms do not
+pull towards different marginals. Direction (``method.kl_direction``): default ``mean_to_prior`` =
+KL(pbar || pi), the paper's regulariser written as the generalisation of MSN's ME-MAX (which it
+equals for the uniform prior: MSN's term is exactly KL(pbar || U)); ``prior_to_mean`` = KL(pi ||
+pbar) is what lightly's ``PMSNLoss`` computes. The paper's exact formula is not verified here (no
+official code; see the reference notes, section 5), so both are available.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from visrep import distributed as D
+from visrep.data.transforms import batch_random_resized_crop
+from visrep.data.views import PhotometricSpec, photometric
+from visrep.losses import msn_loss, power_law_prior
+from visrep.models import Normalize, vit_from_config
+from visrep.models.projection import ProjectionHead
+from visrep.optim.ema import ema_update_, make_target
+from visrep.optim.groups import decay_groups
+from visrep.optim.schedules import linear_momentum
+
+from .base import DataInfo, Export, Method, Step, module_metadata
+from .ijepa import redraw_linear_
+
+
+@dataclass
+class MSNConfig:
+    name: Literal["msn"] = "msn"
+    num_prototypes: int = 1024
+    hidden_dim: int = 2048
+    output_dim: int = 256
+    use_bn: bool = True
+    temperature: float = 0.1
+    sharpen: tuple[float, float] = (0.25, 0.25)     # (start, final) T, linear over the horizon
+    ema: tuple[float, float] = (0.996, 1.0)
+    me_max_weight: float = 1.0
+    entropy_weight: float = 0.0
+    use_sinkhorn: bool = True
+    sinkhorn_iters: int = 3
+    label_smoothing: float = 0.0
+    freeze_prototypes: bool = False
+    proto_grad_reduce: Literal["sum", "mean"] = "sum"   # official: summed over processes
+    clip_grad: float | None = 3.0                      # encoder + head only (official)
+    patch_drop: float = 0.15
+    rand_views: int = 1                                 # masked anchor views (the target view is extra)
+    focal_views: int = 10
+    rand_size: int | None = None                        # None: data.image_size
+    focal_size: int = 96
+    rand_crop_scale: tuple[float, float] = (0.3, 1.0)
+    focal_crop_scale: tuple[float, float] = (0.05, 0.3)
+    hflip: bool = True
+    color_jitter: float = 0.5                           # strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    prior: Literal["uniform", "power_law"] = "uniform"
+    prior_exponent: float = 0.25
+    kl_direction: Literal["mean_to_prior", "prior_to_mean"] = "mean_to_prior"
+    sinkhorn_follows_prior: bool = True
+    feature_norm: bool = False                          # official probe: no final LayerNorm
+
+
+@dataclass
+class PMSNConfig(MSNConfig):
+    name: Literal["pmsn"] = "pmsn"
+    prior: Literal["uniform", "power_law"] = "power_law"
+
+
+def num_kept(num_patches: int, patch_drop: float) -> int:
+    """Patches an anchor keeps: ``floor(N * (1 - patch_drop))`` (official ``forward_features``)."""
+    return int(math.floor(num_patches * (1.0 - patch_drop)))
+
+
+def encode_views(encoder: nn.Module, views: Sequence[Tensor], idx_keep: Tensor | None = None,
+                 head: nn.Module | None = None) -> Tensor:
+    """Official multi-crop forward: views of equal size run as one batch (concatenated view-major),
+    ``idx_keep`` (patch indices [B_group, K]) masks the first run only; the [CLS] output after the
+    final norm goes through ``head`` per run. Returns ``[sum of batch sizes, D]``."""
+    out, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        x = views[start] if end == start + 1 else torch.cat(list(views[start:end]))
+        keep = idx_keep if start == 0 else None
+        if keep is not None and keep.shape[0] != x.shape[0]:
+            keep = keep.repeat(x.shape[0] // keep.shape[0], 1)
+        h = encoder(x, idx_keep=keep)[:, 0]
+        out.append(head(h) if head is not None else h)
+        start = end
+    return torch.cat(out)
+
+
+def augmented_views(images: Tensor, n: int, size: int, scale, spec: PhotometricSpec, normalize: nn.Module,
+                    hflip: bool, generator: torch.Generator) -> Tensor:
+    """``n`` random resized crops of every image (+ flip, photometric ``spec``, normalisation) in one
+    batched call: ``[B, n, C, size, size]`` (per-sample leading dim, so sharding a batch shards them)."""
+    B = images.shape[0]
+    crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
+                                      hflip=hflip)                                  # view-major
+    crops, _ = photometric(crops, spec, generator)
+    return normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
+
+
+def no_decay_msn(name: str, p: Tensor) -> bool:
+    """Official ``init_opt``: no weight decay for names containing ``bias`` or ``bn`` and 1-D tensors."""
+    return "bias" in name or "bn" in name or p.ndim == 1
+
+
+class MSN(Method):
+    feature_description = "MSN probe features: target encoder's last-block [CLS] before the final LayerNorm"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        mc, m = cfg.model, cfg.method
+        if not mc.class_token:
+            raise ConfigError("MSN represents an image by its [CLS] token: model.class_token must be true")
+        if mc.embed_dim % mc.num_heads:
+            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
+        rand = m.rand_size or cfg.data.image_size
+        for key, size in (("method.rand_size", rand), ("method.focal_size", m.focal_size)):
+            if size % mc.patch_size:
+                raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+        if not 0.0 <= m.patch_drop < 1.0:
+            raise ConfigError(f"method.patch_drop={m.patch_drop} must be in [0, 1)")
+        if m.patch_drop and num_kept((rand // mc.patch_size) ** 2, m.patch_drop) < 1:
+            raise ConfigError(f"method.patch_drop={m.patch_drop} keeps no patch of a {rand}px view")
+        if m.rand_views < 1 or m.focal_views < 0:
+            raise ConfigError("method.rand_views must be >= 1 and method.focal_views >= 0")
+        if m.num_prototypes < 2 or m.temperature <= 0 or min(m.sharpen) <= 0:
+            raise ConfigError("method.num_prototypes must be >= 2, method.temperature and method.sharpen > 0")
+        if m.prior_exponent < 0:
+            raise ConfigError(f"method.prior_exponent={m.prior_exponent} must be >= 0")
+        if cfg.optim.ipe_scale < 1:
+            raise ConfigError(f"optim.ipe_scale={cfg.optim.ipe_scale} must be >= 1 (the EMA momentum would pass 1)")
+        if cfg.optim.clip_grad:
+            raise ConfigError("MSN clips encoder + head only: set method.clip_grad, not optim.clip_grad")
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        m, mc = cfg.method, cfg.model
+        self.cfg = m
+        self.image_size = cfg.data.image_size
+        self.rand_size = m.rand_size or self.image_size
+        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
+        self.encoder = vit_from_config(mc, self.data_info.in_chans, self.rand_size, rescale_init=False,
+                                       interpolate_offset=0.0, interpolate_float32=False)
+        self.head = ProjectionHead(mc.embed_dim, m.hidden_dim, m.output_dim, use_bn=m.use_bn, activation="gelu")
+        redraw_linear_(self.encoder, self.head)             # official init_model
+        nn.init.kaiming_normal_(self.encoder.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.encoder.patch_embed.proj.bias)
+        bound = (1.0 / m.output_dim) ** 0.5
+        self.prototypes = nn.Parameter(torch.empty(m.num_prototypes, m.output_dim).uniform_(-bound, bound),
+                                       requires_grad=not m.freeze_prototypes)
+        self.target_encoder = make_target(self.encoder)
+        self.target_head = make_target(self.head)
+        k = m.num_prototypes
+        off = m.label_smoothing / k
+        labels = torch.full((k, k), off).fill_diagonal_(1.0 - m.label_smoothing + off)
+        self.register_buffer("proto_labels", labels, persistent=False)
+        prior = power_law_prior(k, m.prior_exponent) if m.prior == "power_law" else None
+        self.register_buffer("prior", prior, persistent=False)
+        gs = self.rand_size // mc.patch_size
+        self.num_patches, self.keep = gs * gs, num_kept(gs * gs, m.patch_drop) if m.patch_drop else 0
+        s = m.color_jitter
+        self.spec = PhotometricSpec(jitter_p=m.jitter_p, grayscale_p=m.grayscale_p, blur_p=m.blur_p,
+                                    brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
+
+    # -- data ------------------------------------------------------------------------------------
+    def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
+        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        m = self.cfg
+        images = batch["image"]
+        rand = self._views(images, 1 + m.rand_views, self.rand_size, m.rand_crop_scale, generator)
+        out = {**batch, "target": rand[:, 0], "anchors": rand[:, 1:]}
+        if m.focal_views:
+            out["focal"] = self._views(images, m.focal_views, m.focal_size, m.focal_crop_scale, generator)
+        if self.keep:  # one permutation for the whole batch (official), stored per sample
+            perm = torch.randperm(self.num_patches, generator=generator)[:self.keep]
+            out["idx_keep"] = perm.to(images.device).expand(images.shape[0], -1).contiguous()
+        return out
+
+    # -- training --------------------------------------------------------------------------------
+    def sharpen_at(self, step: Step) -> float:
+        t0, t1 = self.cfg.sharpen
+        return linear_momentum(step.step, max(1, step.total_steps), t0, t1) if t0 != t1 else t0
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        m = self.cfg
+
+        def view_major(x: Tensor) -> list[Tensor]:
+            return list(x.transpose(0, 1).unbind(0))
+
+        views = view_major(batch["anchors"]) + (view_major(batch["focal"]) if "focal" in batch else [])
+        with torch.no_grad():
+            h = self.target_head(self.target_encoder(batch["target"])[:, 0])
+        z = encode_views(self.encoder, views, batch.get("idx_keep"), self.head)
+        out = msn_loss(z, h, self.prototypes, tau=m.temperature, T=self.sharpen_at(step),
+                       proto_labels=self.proto_labels, me_max_weight=m.me_max_weight,
+                       entropy_weight=m.entropy_weight, use_sinkhorn=m.use_sinkhorn, sinkhorn_iters=m.sinkhorn_iters,
+                       prior=self.prior, kl_direction=m.kl_direction, sinkhorn_prior=m.sinkhorn_follows_prior)
+        return {k: out[k] for k in ("loss", "ce", "me_max", "entropy", "np", "max_t", "min_t")}
+
+    def before_optimizer_step(self, step: Step) -> None:
+        self.head.zero_redundant_bias_grads_()
+        g = self.prototypes.grad
+        if g is not None and self.cfg.proto_grad_reduce == "sum":
+            g.mul_(D.world_in(None))     # DDP averaged it: the official AllReduceSum is W x the mean
+        if self.cfg.clip_grad:
+            params = [p for p in (*self.encoder.parameters(), *self.head.parameters()) if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad, foreach=True)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        m0, m1 = self.cfg.ema
+        momentum = min(m1, linear_momentum(step.step, max(1, step.total_steps), m0, m1))
+        ema_update_(self.target_encoder, self.encoder, momentum)
+        ema_update_(self.target_head, self.head, momentum)
+
+    def param_groups(self) -> list[dict]:
+        groups = decay_groups(self.encoder, self.head, no_decay=no_decay_msn)
+        if self.prototypes.requires_grad:
+            groups.append({"params": [self.prototypes], "weight_decay": 0.0, "wd_exclude": True})
+        return groups
+
+    # -- evaluation and export -------------------------------------------------------------------
+    def eval_module(self) -> nn.Module:
+        return self.target_encoder
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        x = self.normalize(images)
+        if x.shape[-1] != self.rand_size:
+            x = torch.nn.functional.interpolate(x, size=(self.rand_size, self.rand_size), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        (_, cls), = self.target_encoder.get_intermediate_layers(x, n=1, return_class_token=True,
+                                                                norm=self.cfg.feature_norm)
+        return cls
+
+    def export_modules(self) -> dict[str, Export]:
+        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+                for name in ("target_encoder", "encoder")}

@@ -1,0 +1,261 @@
+"""PAWS: semi-supervised learning by predicting view assignments with support samples.
+
+Assran et al., "Semi-Supervised Learning of Visual Features by Non-Parametrically Predicting View
+Assignments with Support Samples", ICCV 2021; official code facebookresearch/suncet @ 731547d
+(``src/paws_train.py``, ``src/losses.py``, ``src/data_manager.py``, ``src/lars.py``).
+
+    each step: U unlabelled images -> 2 large views u1, u2 + M small views;
+               S labelled supports (classes x per_class images, each in V views; smoothed labels Y)
+    h = head(encoder([supports, u1, u2]))   (one call: one BN group)   h_mc = head(encoder(small views))
+    z = pred(h) (identity without a prediction head)
+    p = snn(z_views, z_supports, Y)                    # softmax(cos / tau) Y; supports gathered
+    with no_grad: t = sharpen(snn(h_views swapped (u2 | u1), h_supports, Y), T);
+                  small views get mean(t_u1, t_u2); t[t < 1e-4] = 0
+    loss = CE(t, p) + sum pbar log pbar,  pbar = mean sharpen(p)    (ME-MAX on sharpened anchors)
+    step SGD (momentum 0.9) in LARS (biases and BN excluded), weight decay 1e-6
+
+No teacher: targets come from the same network without gradient. The main stream is the whole
+training set (labelled images included, as the official code); the ``supports`` stream draws
+``classes x per_class`` images per step and process (each process its own) from a labelled subset:
+``labels_per_class`` images per class, a ``label_fraction`` of each class (chosen once from the
+seed), or the images of a label-split file (``method.labels_file``, written by
+:func:`visrep.data.subsets.write_label_split`). The loss all-gathers the supports (gradients flow
+back to each rank's own). Labels are smoothed one-hot rows over the dataset's classes (off = eps / C,
+on = 1 - eps + off): the official labels matrix has the step's C classes as columns -- the same when
+every class is in every step (the CIFAR-10 and Fashion-MNIST settings).
+
+Backbone: our ViT ([CLS] token after the final norm); the
+official code uses ResNet-50 / WRN-28-2 (not here yet). Projection head ``fc1-bn1-relu1-fc2-bn2-
+relu2-fc3`` (official ``init_model``), optional prediction head (ImageNet recipe). Probe features
+(``features``) are the backbone's output (before the heads); the soft nearest-neighbour classifier
+of the paper is :meth:`PAWS.snn_classify` (embeddings after the projection head, cosine, tau).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from visrep.data.views import PhotometricSpec
+from visrep.losses import paws_loss, smoothed_one_hot, snn
+from visrep.models import Normalize, vit_from_config
+from visrep.models.projection import PredictionHead, ProjectionHead
+from visrep.optim.groups import decay_groups
+
+from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
+from .msn import augmented_views, encode_views, no_decay_msn
+
+
+@dataclass
+class PAWSConfig:
+    name: Literal["paws"] = "paws"
+    backbone: Literal["vit", "resnet18", "resnet50"] = "vit"   # resnet*: torchvision, pooled output
+    hidden_dim: int = 2048
+    output_dim: int = 128
+    use_pred_head: bool = False
+    temperature: float = 0.1
+    sharpen: float = 0.25
+    me_max: bool = True
+    label_smoothing: float = 0.1
+    classes_per_batch: int | None = None       # None: every class each step
+    supports_per_class: int = 6                 # images per class per step and process
+    supervised_views: int = 2
+    labels_per_class: int | None = None         # the labelled subset: a count per class ...
+    label_fraction: float | None = 0.1          # ... or a fraction of each class ...
+    labels_file: str | None = None              # ... or a label-split file (visrep.data.subsets)
+    multicrop: int = 6
+    crop_scale: tuple[float, float] = (0.75, 1.0)
+    mc_size: int = 18
+    mc_scale: tuple[float, float] = (0.3, 0.75)
+    hflip: bool = True
+    color_jitter: float = 0.5                   # jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    solarize_p: float = 0.2
+    threshold: float = 1e-4
+
+
+class PAWS(Method):
+    feature_description = "PAWS probe features: the backbone output ([CLS] or pooled ResNet features), before the heads"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        m, mc = cfg.method, cfg.model
+        if m.backbone == "vit" and not mc.class_token:
+            raise ConfigError("PAWS (ViT backbone) represents an image by its [CLS] token: "
+                              "model.class_token must be true")
+        if sum(v is not None for v in (m.labels_per_class, m.label_fraction, m.labels_file)) != 1:
+            raise ConfigError("PAWS: set exactly one of method.labels_per_class, method.label_fraction and "
+                              "method.labels_file (the others null)")
+        if m.label_fraction is not None and not 0 < m.label_fraction <= 1:
+            raise ConfigError(f"method.label_fraction={m.label_fraction} must be in (0, 1]")
+        if m.supports_per_class < 1 or m.supervised_views < 1:
+            raise ConfigError("method.supports_per_class and method.supervised_views must be >= 1")
+        for key, size in (("data.image_size", cfg.data.image_size), ("method.mc_size", m.mc_size)):
+            if m.backbone == "vit" and size % mc.patch_size:
+                raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+        if not 0 <= m.label_smoothing < 1 or m.temperature <= 0 or m.sharpen <= 0:
+            raise ConfigError("method.label_smoothing must be in [0, 1), temperature and sharpen > 0")
+        if m.use_pred_head and m.output_dim % 4:
+            raise ConfigError(f"method.output_dim={m.output_dim} must be divisible by 4 for the prediction head")
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        m, mc = cfg.method, cfg.model
+        if not self.data_info.num_classes:
+            raise ValueError("PAWS needs labelled data (data_info.num_classes)")
+        self.cfg = m
+        self.image_size = cfg.data.image_size
+        self.num_classes = self.data_info.num_classes
+        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
+        if m.backbone == "vit":
+            self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
+        else:
+            self.encoder = TorchvisionResNet(m.backbone, self.data_info.in_chans)
+        self.head = ProjectionHead(self.encoder.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")
+        self.pred = PredictionHead(m.output_dim) if m.use_pred_head else None
+        s = m.color_jitter
+        self.spec = PhotometricSpec(jitter_p=m.jitter_p, grayscale_p=m.grayscale_p, blur_p=m.blur_p,
+                                    solarize_p=m.solarize_p, brightness=0.8 * s, contrast=0.8 * s,
+                                    saturation=0.8 * s, hue=min(0.5, 0.2 * s))
+
+    def streams(self) -> dict[str, StreamSpec]:
+        m = self.cfg
+        return {"main": StreamSpec(),
+                "supports": StreamSpec(sampler="class_balanced", classes=m.classes_per_batch,
+                                       per_class=m.supports_per_class, labels_per_class=m.labels_per_class,
+                                       label_fraction=m.label_fraction, labelled_file=m.labels_file)}
+
+    # -- data ------------------------------------------------------------------------------------
+    def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
+        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        m = self.cfg
+        out = {**batch, "large": self._views(batch["image"], 2, self.image_size, m.crop_scale, generator)}
+        if m.multicrop:
+            out["small"] = self._views(batch["image"], m.multicrop, m.mc_size, m.mc_scale, generator)
+        sup = batch["supports"]
+        views = self._views(sup["image"], m.supervised_views, self.image_size, m.crop_scale, generator)
+        out["supports"] = {**sup, "views": views}
+        return out
+
+    # -- training --------------------------------------------------------------------------------
+    def embed(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(h, z)``: projection-head output and prediction-head output (``z = h`` without one);
+        views of one size in one call (official: supports and the large views share BN statistics)."""
+        h = encode_views(self.encoder, views, None, self.head)
+        return h, (self.pred(h) if self.pred is not None else h)
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        m = self.cfg
+
+        def view_major(x: Tensor) -> list[Tensor]:
+            return list(x.transpose(0, 1).unbind(0))
+
+        sup = batch["supports"]
+        sup_views = view_major(sup["views"])
+        n_sup = sum(v.shape[0] for v in sup_views)
+        views = sup_views + view_major(batch["large"]) + (view_major(batch["small"]) if "small" in batch else [])
+        h, z = self.embed(views)
+        B = batch["large"].shape[0]
+        labels = smoothed_one_hot(sup["label"], self.num_classes, m.label_smoothing, dtype=z.dtype)
+        labels = labels.repeat(m.supervised_views, 1)
+        target_views = h[n_sup:n_sup + 2 * B].detach()
+        target_views = torch.cat([target_views[B:], target_views[:B]])
+        out = paws_loss(z[n_sup:], z[:n_sup], labels, target_views, h[:n_sup].detach(), labels,
+                        tau=m.temperature, T=m.sharpen, multicrop=m.multicrop if "small" in batch else 0,
+                        me_max_weight=1.0 if m.me_max else 0.0, threshold=m.threshold)
+        return {k: out[k] for k in ("loss", "ce", "me_max")}
+
+    def before_optimizer_step(self, step: Step) -> None:
+        self.head.zero_redundant_bias_grads_()
+
+    def param_groups(self) -> list[dict]:
+        # official: no weight decay and no LARS adaptation for names with 'bias' or 'bn' (1-D
+        # LayerNorm / token tensors of the ViT are treated the same way here)
+        mods = [self.encoder, self.head] + ([self.pred] if self.pred is not None else [])
+        return decay_groups(*mods, no_decay=no_decay_msn)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self.encoder(self.normalize(images))[:, 0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    @torch.no_grad()
+    def snn_classify(self, support_images: Tensor, support_labels: Tensor, query_images: Tensor,
+                     batch_size: int = 512) -> Tensor:
+        """The paper's soft nearest-neighbour classifier: class scores ``[N, C]`` of ``query_images``
+        from the labelled ``support_images`` (projection-head embeddings, prediction head when
+        there is one, as ``snn_eval.py --use-pred``; cosine / tau, one-hot labels)."""
+        was = self.training
+        self.eval()
+
+        def emb(x: Tensor) -> Tensor:
+            chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+            return torch.cat([self.embed([self.normalize(c)])[1] for c in chunks])
+
+        s = emb(support_images)
+        y = smoothed_one_hot(support_labels.to(s.device), self.num_classes, 0.0, dtype=s.dtype)
+        q = emb(query_images)
+        self.train(was)
+        return snn(q, s, y, self.cfg.temperature)
+
+    def labelled_subset(self, train_labels: Tensor) -> Tensor:
+        """Indices of the labelled subset the support stream draws from (the same seed, the same
+        choice as in training, for the same training set)."""
+        from types import SimpleNamespace
+
+        from visrep.data.streams import ClassBalancedIndices
+
+        return ClassBalancedIndices(SimpleNamespace(targets=train_labels.cpu()), self.streams()["supports"],
+                                    name="supports", seed=self.run_cfg.train.seed, rank=0, world_size=1).labelled
+
+    @torch.no_grad()
+    def snn_accuracy(self, train_images: Tensor, train_labels: Tensor, test_images: Tensor,
+                     test_labels: Tensor) -> float:
+        """The paper's evaluation: soft nearest neighbours over the labelled training subset, top-1 %."""
+        idx = self.labelled_subset(train_labels)
+        scores = self.snn_classify(train_images[idx], train_labels[idx], test_images)
+        return (scores.argmax(1).cpu() == test_labels.cpu()).float().mean().item() * 100
+
+    def eval_module(self) -> nn.Module:
+        return self.encoder
+
+    def export_modules(self) -> dict[str, Export]:
+        return {"encoder": Export(self.encoder, module_metadata(self.encoder))}
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet trunk (no classifier) as PAWS's backbone: ``forward(x)`` returns the
+    globally pooled features as one token ``[B, 1, D]`` (the shape the ViT path reads its [CLS]
+    from). Init as the official ``resnet.py`` (kaiming_normal fan_out convs, BN 1/0,
+    zero_init_residual False = torchvision's default). ``in_chans`` != 3 replaces the stem conv.
+    BatchNorm2d is per process (the official code converts to SyncBN when distributed)."""
+
+    def __init__(self, name: str = "resnet50", in_chans: int = 3):
+        super().__init__()
+        import torchvision
+
+        self.arch = dict(name=name, in_chans=in_chans)
+        net = getattr(torchvision.models, name)(weights=None)
+        if in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.embed_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: Tensor, idx_keep: Tensor | None = None) -> Tensor:
+        if idx_keep is not None:
+            raise ValueError("a ResNet backbone does not drop patches")
+        return self.net(x).unsqueeze(1)
