@@ -1,9 +1,9 @@
 """Command line: ``visrep pretrain | eval | export | demo | curate``.
 
-    visrep pretrain configs/ijepa/fashion_mnist_vit_tiny.yaml train.epochs=20 optim.lr=5e-4
-    torchrun --nproc-per-node 8 -m visrep pretrain configs/ijepa/imagenet_vit_h14.yaml
-    visrep eval runs/ijepa-fmnist/last.pt --protocols knn,linear,lowshot
-    visrep export runs/ijepa-fmnist/last.pt encoder.safetensors
+    visrep pretrain <method>/<recipe> train.epochs=20 optim.lr=5e-4      (packaged name or YAML path)
+    torchrun --nproc-per-node 8 -m visrep pretrain <method>/<recipe> data.root=/data
+    visrep eval runs/<run>/last.pt --protocols knn,linear,lowshot
+    visrep export runs/<run>/last.pt encoder.safetensors
     visrep demo
 """
 from __future__ import annotations

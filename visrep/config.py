@@ -297,6 +297,8 @@ def build_config(tree: dict) -> Config:
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# the recipe `visrep demo` runs unless told another (``--recipe``)
+DEMO_RECIPE = "ijepa/fashion_mnist_demo"
 
 
 def resolve_config(name: str | Path) -> Path:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from visrep.config import Config, build_config, load_config
+from visrep.config import DEMO_RECIPE, Config, build_config, load_config, resolve_config
 from visrep.data import build_dataset
 from visrep.data.datasets import Forwarding
 from visrep.data.transforms import dataset_stats
 from visrep.methods import DataInfo, Method, build_method
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "ijepa" / "fashion_mnist_demo.yaml"
+DEMO_CONFIG = resolve_config(DEMO_RECIPE)
 
 
 # -- data --------------------------------------------------------------------------------------------
