@@ -34,6 +34,8 @@ METHODS: dict[str, MethodEntry] = {
     "msn": MethodEntry("visrep.methods.msn", "MSNConfig", "MSN"),
     "pmsn": MethodEntry("visrep.methods.msn", "PMSNConfig", "MSN"),
     "paws": MethodEntry("visrep.methods.paws", "PAWSConfig", "PAWS"),
+    "supervised": MethodEntry("visrep.methods.supervised", "SupervisedConfig", "Supervised"),
+    "mae": MethodEntry("visrep.methods.mae", "MAEConfig", "MAE"),
 }
 
 

@@ -63,6 +63,7 @@ from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weight
 from visrep.models import Normalize, vit_from_config
 from visrep.models.heads import DINOHead
 from visrep.optim.ema import ema_update_, make_target
+from visrep.optim.groups import vit_lr_decay_rate
 from visrep.optim.schedules import cosine_momentum, cosine_schedule
 
 from .base import DataInfo, Export, Method, Step, module_metadata
@@ -167,17 +168,6 @@ def batch_subset_drop_path_(block: nn.Module, p: float) -> None:
         return _add_subset_residual(_add_subset_residual(x, attn_branch, p), mlp_branch, p)
 
     block.forward = subset_forward
-
-
-def vit_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
-    """``get_vit_lr_decay_rate`` for a backbone parameter name (tokens and patch embedding: layer 0,
-    block i: layer i + 1, the rest: num_layers + 1)."""
-    layer = num_layers + 1
-    if any(k in name for k in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
-        layer = 0
-    elif name.startswith("blocks."):
-        layer = int(name.split(".")[1]) + 1
-    return rate ** (num_layers + 1 - layer)
 
 
 class DINOv2(Method):

@@ -29,6 +29,8 @@ starts at 0, so an untrained conditioned predictor is exactly I-JEPA's and ``g =
 conditioning off (the paper only says "concatenated and mixed back with a 3-layer MLP"; the gated
 residual form is ours). ``"sequence"``: ``cond_dim`` extra tokens,
 token ``k`` = ``a_k * w_k + b_k`` with its own projection, appended to the context of every sequence.
+MAE's decoder is this predictor with ``out_dim`` = pixels per patch (the decoder reads the visible
+tokens and predicts the masked ones); ``pos_embed="learned"`` for pixel tokens (no 2-D prior).
 State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
 ``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
 """
@@ -75,13 +77,16 @@ class Predictor(nn.Module):
         conditioning: str = "none",
         cond_dim: int = 0,
         cond_mlp_layers: int = 3,
+        out_dim: int | None = None,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
         self.arch = dict(num_patches=list(num_patches) if not isinstance(num_patches, int) else num_patches,
                          embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_eps=norm_eps,
                          rescale_init=rescale_init, stop_sigma=stop_sigma, stop_eval_noise=stop_eval_noise,
-                         conditioning=conditioning, cond_dim=cond_dim, cond_mlp_layers=cond_mlp_layers)
+                         conditioning=conditioning, cond_dim=cond_dim, cond_mlp_layers=cond_mlp_layers,
+                         out_dim=out_dim, pos_embed=pos_embed)
         if conditioning not in ("none", "feature", "sequence"):
             raise ValueError(f"conditioning must be 'none', 'feature' or 'sequence', got {conditioning!r}")
         if conditioning != "none" and cond_dim < 1:
@@ -103,16 +108,23 @@ class Predictor(nn.Module):
         self.grid = tuple(num_patches)
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
-        table = sincos_pos_embed_2d(predictor_embed_dim, *self.grid, dtype=torch.float32)
-        self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
+        if pos_embed == "sincos":
+            table = sincos_pos_embed_2d(predictor_embed_dim, *self.grid, dtype=torch.float32)
+            self.predictor_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
+        elif pos_embed == "learned":  # pixel tokens without a 2-D prior (PiT's MAE decoder)
+            self.predictor_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], predictor_embed_dim))
+        else:
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
                   norm_layer=norm_layer) for i in range(depth))
         self.predictor_norm = norm_layer(predictor_embed_dim)
-        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, out_dim or embed_dim, bias=True)
         self._init_weights(rescale_init)
+        if pos_embed == "learned":
+            trunc_normal_(self.predictor_pos_embed, std=0.02)
         d = predictor_embed_dim
         if conditioning == "feature":
             layers: list[nn.Module] = []

@@ -222,6 +222,7 @@ class VisionTransformer(nn.Module):
         pre_norm: bool = False,
         act_layer: str = "gelu",
         patch_bias: bool = True,
+        pixel_permutation: int | None = None,
     ):
         super().__init__()
         # constructor arguments, enough to rebuild this module (exports, ``visrep.hub.load_exported``)
@@ -232,7 +233,7 @@ class VisionTransformer(nn.Module):
                          init_values=init_values, norm_eps=norm_eps, interpolate_offset=interpolate_offset,
                          interpolate_antialias=interpolate_antialias, register_pos=register_pos,
                          pre_norm=pre_norm, act_layer=act_layer, patch_bias=patch_bias,
-                         interpolate_float32=interpolate_float32)
+                         interpolate_float32=interpolate_float32, pixel_permutation=pixel_permutation)
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -252,6 +253,13 @@ class VisionTransformer(nn.Module):
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_float32 = interpolate_float32
 
+        # locality control (PiT): one fixed permutation of the pixel positions (drawn from this seed),
+        # applied to every input image before patchifying, at training and evaluation alike
+        self.pixel_permutation = pixel_permutation
+        if pixel_permutation is not None:
+            perm = torch.randperm(self.img_size[0] * self.img_size[1],
+                                  generator=torch.Generator().manual_seed(pixel_permutation))
+            self.register_buffer("pixel_perm", perm, persistent=False)
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, strict_img_size=False,
                                       bias=patch_bias)
         self.grid = self.patch_embed.grid_size
@@ -312,6 +320,8 @@ class VisionTransformer(nn.Module):
                        mask: Tensor | None = None) -> Tensor:
         """Patchify, substitute masked tokens, add positions, keep ``idx_keep``, prepend prefix tokens."""
         self._check_input(x)
+        if self.pixel_permutation is not None:
+            x = self.permute_pixels(x)
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = self.patch_embed(x)                                            # [B, N, D]
         if mask is not None:
@@ -332,6 +342,12 @@ class VisionTransformer(nn.Module):
             prefix.append(reg.expand(x.size(0), -1, -1))
         x = torch.cat(prefix + [x], dim=1) if prefix else x
         return self.norm_pre(x)
+
+    def permute_pixels(self, x: Tensor) -> Tensor:
+        """``x`` [B, C, H, W] with its pixel positions reordered by the model's fixed permutation."""
+        if tuple(x.shape[-2:]) != tuple(self.img_size):
+            raise ValueError(f"pixel_permutation is fixed for {tuple(self.img_size)} images, got {tuple(x.shape[-2:])}")
+        return x.flatten(2)[:, :, self.pixel_perm].view_as(x)
 
     def _check_input(self, x: Tensor) -> None:
         in_chans = self.patch_embed.proj.in_channels
@@ -413,7 +429,8 @@ def vit_from_config(model_cfg, in_chans: int, image_size: int, **overrides) -> V
     kwargs = dict(img_size=image_size, patch_size=mc.patch_size, in_chans=in_chans, embed_dim=mc.embed_dim,
                   depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio, qkv_bias=mc.qkv_bias,
                   pos_embed=mc.pos_embed, class_token=mc.class_token, num_registers=mc.num_registers,
-                  drop_path_rate=mc.drop_path_rate, init_values=mc.init_values, patch_init=mc.patch_init)
+                  drop_path_rate=mc.drop_path_rate, init_values=mc.init_values, patch_init=mc.patch_init,
+                  pixel_permutation=mc.pixel_permutation)
     kwargs.update(overrides)
     vit = VisionTransformer(**kwargs)
     vit.grad_checkpointing = mc.grad_checkpointing

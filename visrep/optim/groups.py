@@ -42,4 +42,40 @@ def decay_groups(*modules: nn.Module, no_decay: Callable[[str, Tensor], bool] = 
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["decay_groups", "no_decay_default", "no_decay_official_jepa"]
+def vit_lr_decay_rate(name: str, rate: float, num_layers: int) -> float:
+    """Layer-wise lr decay of a ViT parameter (BEiT / MAE / DINOv2 ``get_vit_lr_decay_rate``): tokens,
+    position and patch embeddings are layer 0, block i is layer i + 1, everything after the blocks
+    (final norm, head) layer ``num_layers + 1``; the scale is ``rate ** (num_layers + 1 - layer)``."""
+    layer = num_layers + 1
+    if any(k in name for k in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    return rate ** (num_layers + 1 - layer)
+
+
+def layer_decay_groups(vit: nn.Module, rate: float, head: nn.Module | None = None, lr: float | None = None,
+                       no_decay: Callable[[str, Tensor], bool] = no_decay_default) -> list[dict]:
+    """Parameter groups of a ViT (``vit.blocks``) with layer-wise lr decay ``rate`` plus an optional
+    ``head`` at full lr, split by weight decay; each group has ``lr_scale`` (and ``lr = lr x lr_scale``
+    when ``lr`` is given, for a plain torch optimizer)."""
+    depth = len(vit.blocks)
+    groups: dict[tuple[float, bool], list[Tensor]] = {}
+    named = [(n, p, vit_lr_decay_rate(n, rate, depth)) for n, p in vit.named_parameters()]
+    if head is not None:
+        named += [(f"head.{n}", p, 1.0) for n, p in head.named_parameters()]
+    for name, p, scale in named:
+        if p.requires_grad:
+            groups.setdefault((scale, no_decay(name, p)), []).append(p)
+    out = []
+    for (scale, skip), params in groups.items():
+        g = {"params": params, "lr_scale": scale}
+        if lr is not None:
+            g["lr"] = lr * scale
+        if skip:
+            g.update(weight_decay=0.0, wd_exclude=True)
+        out.append(g)
+    return out
+
+
+__all__ = ["decay_groups", "layer_decay_groups", "no_decay_default", "no_decay_official_jepa", "vit_lr_decay_rate"]

@@ -1,0 +1,188 @@
+"""MAE: masked autoencoding of pixels, at any patch size (PiT's second case study: patch size 1).
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (official code
+facebookresearch/mae, ``models_mae.py``); Nguyen et al. (PiT, arXiv 2406.09415) run it with each
+pixel a token.
+
+    for each batch of images x:
+        keep, masked = random_masking(mask_ratio)          # per sample: argsort of uniform noise
+        z = encoder(x, idx_keep=keep)                       # the encoder sees visible tokens only
+        p = decoder(z, keep -> masked)                      # light transformer; mask tokens + positions
+        t = patchify(x)[masked]                             # (optionally normalised per patch)
+        loss = mean over masked tokens of mean_pixels (p - t)^2
+        step AdamW (warm-up + cosine lr; betas (0.9, 0.95) in the official recipe)
+
+The decoder is the shared :class:`visrep.models.Predictor` with ``out_dim`` = pixels per patch: it
+embeds the visible tokens, appends a mask token plus position for every masked one and predicts
+only those (the official decoder also predicts the visible patches and then ignores them; its
+loss is the same). Differences from the official code, both ours: the encoder's [CLS] token
+(``model.class_token``) is not passed to the decoder, and patch tokens are kept in index order.
+``norm_pix_loss`` (the official recipe uses it) normalises each target patch by its own mean and
+variance; it is refused where a patch holds a single value (patch size 1 on grey images), which it
+would map to zero. Probe features: the encoder's average-pooled (or [CLS]) final-normed tokens
+(MAE's own linear probe uses the [CLS] token with a BatchNorm before the classifier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from visrep.data.transforms import batch_random_resized_crop
+from visrep.models import Normalize, Predictor, apply_masks, vit_from_config
+from visrep.optim.groups import decay_groups
+
+from .base import DataInfo, Export, Method, Step, module_metadata
+
+
+@dataclass
+class MAEConfig:
+    name: Literal["mae"] = "mae"
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    pool: Literal["avg", "cls"] = "avg"
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), p*p*C]`` (row-major patches, pixels (row, col, channel))."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: Tensor, patch_size: int, channels: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`patchify`."""
+    b, p = tokens.size(0), patch_size
+    x = tokens.reshape(b, height // p, width // p, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, height, width)
+
+
+def random_masking(batch: int, num_tokens: int, mask_ratio: float, generator: torch.Generator | None = None,
+                   device=None) -> tuple[Tensor, Tensor]:
+    """Indices of the kept and of the masked tokens, ``[B, K]`` and ``[B, N - K]`` (each sorted),
+    ``K = int(N (1 - mask_ratio))`` as the official code; a uniformly random subset per sample."""
+    keep = max(1, int(num_tokens * (1 - mask_ratio)))
+    order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)
+    kept, masked = order[:, :keep].sort(dim=1).values, order[:, keep:].sort(dim=1).values
+    return kept.to(device), masked.to(device)
+
+
+def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool = False, eps: float = 1e-6) -> Tensor:
+    """Mean squared error over masked tokens ``[B, M, P]``; ``norm_pix``: targets normalised per patch
+    (mean and unbiased variance over the patch's P values, as the official code)."""
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps).sqrt()
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+class MAE(Method):
+    feature_description = "MAE probe features: the encoder's pooled final-normed tokens"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        m, mc = cfg.method, cfg.model
+        if not 0 < m.mask_ratio < 1:
+            raise ConfigError(f"method.mask_ratio={m.mask_ratio} must be in (0, 1)")
+        if cfg.data.image_size % mc.patch_size:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
+                              f"model.patch_size={mc.patch_size}")
+        for key, dim, heads in (("model.embed_dim", mc.embed_dim, mc.num_heads),
+                                ("method.decoder_dim", m.decoder_dim, m.decoder_heads)):
+            if dim % heads:
+                raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
+        if m.pool == "cls" and not mc.class_token:
+            raise ConfigError("method.pool=cls needs model.class_token=true")
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        self.cfg = m = cfg.method
+        mc = cfg.model
+        self.image_size = cfg.data.image_size
+        self.patch_size = mc.patch_size
+        chans = self.data_info.in_chans
+        if m.norm_pix_loss and mc.patch_size ** 2 * chans == 1:
+            from visrep.config import ConfigError
+
+            raise ConfigError("method.norm_pix_loss normalises each patch by its own statistics: a patch of one "
+                              "grey pixel (model.patch_size=1, 1 channel) would become 0; turn it off")
+        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
+        self.encoder = vit_from_config(mc, chans, self.image_size)
+        self.decoder = Predictor(num_patches=self.encoder.grid, embed_dim=mc.embed_dim,
+                                 predictor_embed_dim=m.decoder_dim, depth=m.decoder_depth,
+                                 num_heads=m.decoder_heads, mlp_ratio=4.0, rescale_init=False,
+                                 out_dim=mc.patch_size ** 2 * chans, pos_embed=mc.pos_embed)
+        self.decoder.grad_checkpointing = self.encoder.grad_checkpointing
+
+    # -- data ------------------------------------------------------------------------------------
+    def sample_transform(self):
+        from visrep.data.transforms import train_transform
+
+        return train_transform("rrc", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
+                               normalize=False)
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        images = batch["image"]
+        if images.dtype == torch.uint8:
+            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
+                                               generator=generator, hflip=self.cfg.hflip)
+        images = self.normalize(images)
+        keep, masked = random_masking(images.size(0), self.encoder.grid[0] * self.encoder.grid[1],
+                                      self.cfg.mask_ratio, generator)
+        return {**batch, "image": images, "keep": keep, "masked": masked}
+
+    # -- training --------------------------------------------------------------------------------
+    def targets(self, images: Tensor, masked: Tensor) -> Tensor:
+        """The pixels of the masked tokens, in the encoder's token order (its pixel permutation included)."""
+        if self.encoder.pixel_permutation is not None:
+            images = self.encoder.permute_pixels(images)
+        return apply_masks(patchify(images, self.patch_size), masked)
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        device = self.normalize.mean.device
+        images = batch["image"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        keep, masked = batch["keep"].to(device), batch["masked"].to(device)
+        z = self.encoder(images, idx_keep=keep)[:, self.encoder.num_prefix:]
+        pred = self.decoder(z, keep, masked)
+        return {"loss": mae_loss(pred, self.targets(images, masked), self.cfg.norm_pix_loss)}
+
+    def param_groups(self) -> list[dict]:
+        return decay_groups(self.encoder, self.decoder)
+
+    # -- evaluation and export -------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self.encoder.pooled(self.normalize(images), pool=self.cfg.pool)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(reconstruction, mask) of raw images in the normalised space, visible pixels pasted back;
+        ``mask`` [B, 1, H, W] is 1 where pixels were masked (in the encoder's pixel order)."""
+        x = self.normalize(images)
+        b, c, h, w = x.shape
+        keep, masked = random_masking(b, self.encoder.grid[0] * self.encoder.grid[1], self.cfg.mask_ratio,
+                                      generator, device=x.device)
+        target = patchify(self.encoder.permute_pixels(x) if self.encoder.pixel_permutation is not None else x,
+                          self.patch_size)
+        pred = self.decoder(self.encoder(x, idx_keep=keep)[:, self.encoder.num_prefix:], keep, masked)
+        out, flag = target.clone(), torch.zeros_like(target[..., :1])
+        out.scatter_(1, masked[..., None].expand(-1, -1, out.size(-1)), pred.to(out.dtype))
+        flag.scatter_(1, masked[..., None], 1.0)
+        p = self.patch_size
+        return unpatchify(out, p, c, h, w), unpatchify(flag.expand(-1, -1, p * p), p, 1, h, w)
+
+    def export_modules(self) -> dict[str, Export]:
+        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+                for name in ("encoder", "decoder")}

@@ -1,0 +1,175 @@
+"""Supervised ViT classification at any patch size (PiT's first case study: pixels as tokens).
+
+Nguyen et al., "An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual
+Pixels" (arXiv 2406.09415). No official code; the recipe is the usual DeiT/timm one:
+
+    for each batch of labelled images (x, y):
+        x = RandomResizedCrop + flip (+ RandAugment)                 # per sample, batched
+        x, t = mixup / cutmix (x, y), label smoothing                 # soft targets t (timm Mixup)
+        logits = head(pool(ViT(x)))                                   # patch_size 1: each pixel a token
+        loss = cross_entropy(logits, t)
+        step AdamW (warm-up + cosine lr, weight decay except biases, norms, tokens, positions)
+
+Pixel tokens are ``model.patch_size=1`` with ``model.pos_embed=learned`` (no 2-D prior);
+``model.pixel_permutation=<seed>`` is the locality control (a fixed pixel order for every image).
+Probe features are the pooled, final-normed tokens (``pool``: average of the patch tokens or the
+[CLS] token); :meth:`classify` gives the trained head's logits.
+
+RandAugment is torchvision's (tensor images; timm's operates on PIL images one at a time): one op
+pair is drawn per group of ``randaugment_group`` images, so a batch costs ``B / group`` calls, not B.
+Mixup / CutMix are timm's ``Mixup`` (batch mode: image i mixes with image B-1-i). Every random
+draw comes from the step's generator, so resumed runs are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visrep.data.transforms import batch_random_resized_crop
+from visrep.models import Normalize, vit_from_config
+from visrep.optim.groups import decay_groups
+
+from .base import DataInfo, Method, Step
+
+
+@dataclass
+class SupervisedConfig:
+    name: Literal["supervised"] = "supervised"
+    pool: Literal["avg", "cls"] = "avg"          # "cls" needs model.class_token=true
+    label_smoothing: float = 0.1
+    mixup: float = 0.0                            # Beta(alpha, alpha) mixing; 0: off (DeiT: 0.8)
+    cutmix: float = 0.0                           # 0: off (DeiT: 1.0)
+    mix_prob: float = 1.0                         # probability a batch is mixed at all
+    switch_prob: float = 0.5                      # cutmix instead of mixup when both are on
+    randaugment: int = 0                          # number of ops (DeiT: 2); 0: off
+    randaugment_magnitude: int = 9
+    randaugment_group: int = 16                   # images sharing one draw of ops
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool = True
+    head_init_std: float = 0.02
+
+
+class Supervised(Method):
+    feature_description = "supervised ViT: pooled final-normed tokens (avg of patch tokens, or [CLS])"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        m, mc = cfg.method, cfg.model
+        if m.pool == "cls" and not mc.class_token:
+            raise ConfigError("method.pool=cls needs model.class_token=true")
+        if mc.embed_dim % mc.num_heads:
+            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
+        if cfg.data.image_size % mc.patch_size:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
+                              f"model.patch_size={mc.patch_size}")
+        if not 0 <= m.label_smoothing < 1:
+            raise ConfigError(f"method.label_smoothing={m.label_smoothing} must be in [0, 1)")
+        if (m.mixup or m.cutmix) and cfg.train.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix pair images within the batch: train.batch_size="
+                              f"{cfg.train.batch_size} must be even")
+        if m.randaugment_group < 1:
+            raise ConfigError("method.randaugment_group must be >= 1")
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        if not self.data_info.num_classes:
+            raise ValueError("supervised training needs labels: the dataset reports no classes")
+        self.cfg = m = cfg.method
+        self.image_size = cfg.data.image_size
+        self.num_classes = self.data_info.num_classes
+        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
+        self.encoder = vit_from_config(cfg.model, self.data_info.in_chans, self.image_size)
+        self.head = nn.Linear(self.encoder.embed_dim, self.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=m.head_init_std)
+        nn.init.zeros_(self.head.bias)
+        self.mixer = None
+        if m.mixup or m.cutmix:
+            from timm.data import Mixup
+
+            self.mixer = Mixup(mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, prob=m.mix_prob,
+                               switch_prob=m.switch_prob, mode="batch", label_smoothing=m.label_smoothing,
+                               num_classes=self.num_classes)
+
+    # -- data ------------------------------------------------------------------------------------
+    def sample_transform(self):
+        from visrep.data.transforms import train_transform
+
+        return train_transform("rrc", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
+                               normalize=False)
+
+    def randaugment(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """torchvision RandAugment on uint8 images, one draw per group of images (seeded from ``generator``)."""
+        from torchvision.transforms import v2
+
+        m = self.cfg
+        op = v2.RandAugment(num_ops=m.randaugment, magnitude=m.randaugment_magnitude)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.cat([op(chunk) for chunk in images.split(m.randaugment_group)])
+
+    def soft_targets(self, labels: Tensor) -> Tensor:
+        s, k = self.cfg.label_smoothing, self.num_classes
+        return F.one_hot(labels, k).float() * (1 - s) + s / k
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        m, images, labels = self.cfg, batch["image"], batch["label"]
+        if (labels < 0).any():
+            raise ValueError("supervised training got images without labels (label -1)")
+        if images.dtype == torch.uint8:  # in-memory path: augment the raw batch at once
+            if m.randaugment:
+                images = self.randaugment(images, generator)
+            images = batch_random_resized_crop(images, self.image_size, scale=m.crop_scale, generator=generator,
+                                               hflip=m.hflip)
+        images = self.normalize(images)
+        if self.mixer is not None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
+            np.random.seed(seed)
+            try:
+                images, targets = self.mixer(images.clone(), labels)
+            finally:
+                np.random.set_state(state)
+        else:
+            targets = self.soft_targets(labels)
+        return {**batch, "image": images, "target": targets}
+
+    # -- training --------------------------------------------------------------------------------
+    def logits(self, images: Tensor) -> Tensor:
+        return self.head(self.pooled(images))
+
+    def pooled(self, images: Tensor) -> Tensor:
+        """Pooled final-normed tokens of normalised ``images``."""
+        return self.encoder.pooled(images, pool=self.cfg.pool)
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        device = self.normalize.mean.device
+        images = batch["image"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        targets = batch["target"].to(device, non_blocking=True)
+        logits = self.logits(images)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
+        return {"loss": loss, "train_top1": acc}
+
+    def param_groups(self) -> list[dict]:
+        return decay_groups(self.encoder, self.head)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        return self.pooled(self.normalize(images))
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """Logits ``[N, num_classes]`` of raw uint8 (or [0, 1] float) images."""
+        return self.logits(self.normalize(images))
