@@ -123,6 +123,8 @@ class EvalConfig:
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
+    finetune_layer_decay: float = 0.75  # protocol "finetune": layer-wise lr decay of the encoder
+    finetune_baseline: bool = True   # protocol "finetune": also fine-tune the random-init encoder
     zeroshot_templates: list[str] | None = None  # prompt templates ("a photo of a {}."); null: the dataset's
     retrieval_samples: int = 1000    # test images (with all their captions) used for retrieval
 

@@ -222,6 +222,7 @@ METHOD_PROTOCOLS = {
     "predictor_ft": ("predictor_finetune", "top-1 with the encoder frozen, predictor + attentive head fine-tuned"),
     "zeroshot": ("encode_text", "zero-shot classification (%)"),
     "retrieval": ("encode_text", "image-text retrieval recall (%)"),
+    "finetune": ("finetune_network", "top-1 (%) after fine-tuning the encoder end to end (layer-wise lr decay)"),
     "snn": ("snn_accuracy", "soft nearest-neighbour top-1 % over the labelled subset"),
 }
 
@@ -260,6 +261,23 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict
         keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
         return method.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
                                          lr=e.finetune_lr, generator=g)
+    if protocol == "finetune":
+        from visrep.eval.finetune import finetune_encoder
+
+        _, x, y = _split_images(cfg, protocol, "train")
+        keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
+        classes = int(max(y.max(), labels.max())) + 1
+        nets = {"pretrained": method.finetune_network()}
+        if e.finetune_baseline:
+            nets["random init"] = method.random_init_baseline().to(device).finetune_network()
+        out = {}
+        for name, net in nets.items():
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            out[name] = finetune_encoder(net, net.vit, net.feature_dim, classes, (x[keep], y[keep]), (images, labels),
+                                         epochs=e.finetune_epochs, lr=e.finetune_lr, layer_decay=e.finetune_layer_decay,
+                                         generator=torch.Generator().manual_seed(seed), device=device,
+                                         desc=f"fine-tune ({name})")["top1"]
+        return out
     if protocol == "snn":
         _, x, y = _split_images(cfg, protocol, "train")
         return method.snn_accuracy(x, y, images, labels)

@@ -98,6 +98,28 @@ def train_classifier(model: nn.Module, groups: list[dict], train: tuple[Tensor, 
             "seconds": time.perf_counter() - start, "steps": step}
 
 
+def finetune_encoder(network: nn.Module, vit: nn.Module, feature_dim: int, num_classes: int,
+                     train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], epochs: int = 10, lr: float = 1e-3,
+                     layer_decay: float = 0.75, weight_decay: float = 0.05, label_smoothing: float = 0.1,
+                     batch_size: int = 128, generator: torch.Generator | None = None,
+                     device: str | torch.device = "cpu", desc: str = "fine-tune") -> dict:
+    """End-to-end fine-tuning (BEiT / MAE protocol): ``network`` (images -> ``[B, feature_dim]``
+    features, ``vit`` its transformer) plus a linear head, AdamW with layer-wise lr decay
+    (``layer_decay ** (depth + 1 - layer)``), warm-up + cosine, label smoothing. No augmentation
+    beyond what ``network`` does itself. Returns :func:`train_classifier`'s dict."""
+    from visrep.optim.groups import layer_decay_groups
+
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE's head init
+    nn.init.zeros_(head.bias)
+    groups = layer_decay_groups(vit, layer_decay, head=head, lr=lr)
+    for g in groups:
+        g.pop("lr_scale"), g.pop("wd_exclude", None)
+    return train_classifier(nn.Sequential(network, head), groups, train, test, epochs=epochs, batch_size=batch_size,
+                            weight_decay=weight_decay, label_smoothing=label_smoothing, generator=generator,
+                            device=device, desc=desc)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: tuple[Tensor, Tensor], batch_size: int = 512, device="cpu") -> float:
     x, y = data
@@ -109,4 +131,4 @@ def accuracy(model: nn.Module, data: tuple[Tensor, Tensor], batch_size: int = 51
     return correct / max(1, len(x))
 
 
-__all__ = ["AttentivePooler", "accuracy", "train_classifier"]
+__all__ = ["AttentivePooler", "accuracy", "finetune_encoder", "train_classifier"]

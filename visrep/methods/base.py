@@ -34,6 +34,8 @@ feature shape).
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -198,6 +200,11 @@ class Method(nn.Module):
             torch.manual_seed(self.run_cfg.train.seed)
             return type(self)(self.run_cfg, self.data_info).eval()
 
+    def finetune_network(self) -> FeatureNetwork:
+        """A trainable copy of the probe-feature path (images -> ``[N, feature_dim]``) for end-to-end
+        fine-tuning (``visrep eval --protocols finetune``); its ``vit`` gets layer-wise lr decay."""
+        return FeatureNetwork(self)
+
     def can(self, capability: str) -> bool:
         """Whether the optional ``capability`` (``"sample"``, ``"encode_text"``) is implemented."""
         return getattr(type(self), capability, None) is not getattr(Method, capability, None)
@@ -212,6 +219,26 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
 
+class FeatureNetwork(nn.Module):
+    """``method.features`` with gradients, on a private copy of the method: only the copy's
+    ``eval_module()`` (the ViT the features come from) is trainable; everything else the feature
+    path uses (normalisation, resizing, pooling, projections) stays as the method defines it."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = copy.deepcopy(method).requires_grad_(False)
+        self.method.eval_module().requires_grad_(True)
+        self.feature_dim = method.feature_dim
+        self._features = inspect.unwrap(type(method).features)  # without its no_grad decorator
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.method.eval_module()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self._features(self.method, images)
+
+
 def module_metadata(module: nn.Module) -> dict:
     """Rebuild metadata of a module that records its constructor arguments (``module.arch``)."""
     arch = getattr(module, "arch", None)
@@ -220,4 +247,4 @@ def module_metadata(module: nn.Module) -> dict:
     return {"class": type(module).__name__, "arch": dict(arch)}
 
 
-__all__ = ["DataInfo", "Export", "Method", "Step", "StreamSpec", "decay_groups", "module_metadata"]
+__all__ = ["DataInfo", "Export", "FeatureNetwork", "Method", "Step", "StreamSpec", "decay_groups", "module_metadata"]

@@ -113,11 +113,27 @@ def repeat_interleave_batch(x: Tensor, batch_size: int, repeat: int) -> Tensor:
     return x.reshape(g * repeat * batch_size, *x.shape[3:])
 
 
+# On CPU, sequences at least this long use the flash kernel (tiled, no [N, N] attention matrix);
+# shorter ones the composite "math" kernel, which is faster there (benchmarks/train_throughput.py).
+CPU_FLASH_MIN_TOKENS = 128
+
+
 def attention_backend(x: Tensor):
-    """SDPA backend for the tensors' device. On CPU the composite "math" kernel (two matmuls and a
-    softmax) is faster than the flash kernel for ViT sequence lengths (measured in
-    benchmarks/train_throughput.py); on GPU SDPA picks flash / memory-efficient kernels itself."""
-    return sdpa_kernel([SDPBackend.MATH]) if x.device.type == "cpu" else contextlib.nullcontext()
+    """SDPA backend for a token tensor ``x`` [..., N, D]. On CPU: the composite "math" kernel (two
+    matmuls and a softmax) below ``CPU_FLASH_MIN_TOKENS`` tokens, the flash kernel from there on
+    (pixel tokens: 2.0x the images/s of "math" at 784 tokens and no [N, N] matrix; measured with
+    ``benchmarks/train_throughput.py --size pico``); on GPU SDPA picks flash / memory-efficient
+    kernels itself."""
+    backends = cpu_attention_backends(x)
+    return sdpa_kernel(backends) if backends else contextlib.nullcontext()
+
+
+def cpu_attention_backends(x: Tensor) -> list[SDPBackend] | None:
+    """The SDPA kernels :func:`attention_backend` allows for ``x`` (None: SDPA's own choice)."""
+    if x.device.type != "cpu":
+        return None
+    long = x.dim() >= 2 and x.shape[-2] >= CPU_FLASH_MIN_TOKENS
+    return [SDPBackend.FLASH_ATTENTION if long else SDPBackend.MATH]
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: Tensor, checkpointing: bool = False, **kwargs) -> Tensor:
@@ -359,8 +375,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor, idx_keep: Tensor | Sequence[Tensor] | None = None,
                 mask: Tensor | None = None) -> Tensor:
         """All output tokens after the final norm: [B (x n_masks), prefix + kept patches, D]."""
+        x = self.prepare_tokens(x, idx_keep, mask)
         with attention_backend(x):
-            x = self.prepare_tokens(x, idx_keep, mask)
             return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def attention_maps(self, x: Tensor) -> list[Tensor]:
