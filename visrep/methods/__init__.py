@@ -34,6 +34,7 @@ METHODS: dict[str, MethodEntry] = {
     "msn": MethodEntry("visrep.methods.msn", "MSNConfig", "MSN"),
     "pmsn": MethodEntry("visrep.methods.msn", "PMSNConfig", "MSN"),
     "paws": MethodEntry("visrep.methods.paws", "PAWSConfig", "PAWS"),
+    "diffusion": MethodEntry("visrep.methods.diffusion", "DiffusionConfig", "Diffusion"),
 }
 
 
