@@ -194,3 +194,40 @@ def test_fid_protocol_reports_a_domain_fid(checkpoint, tmp_path, monkeypatch):
     assert key.startswith("fid/") and label.startswith("domain FID") and "32 samples" in label
     assert math.isfinite(fid) and fid > 0
     assert "domain FID" in table
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    dit = DiT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    with torch.no_grad():  # away from the zero init, so that every block contributes
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 3])
+    grads = []
+    for on in (False, True):
+        dit.grad_checkpointing = on
+        dit.zero_grad()
+        dit(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in dit.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_latent_diffusion_with_a_local_vae(tmp_path):
+    """method.vae: a (tiny, random) diffusers AutoencoderKL saved locally; the DiT works on its latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    method = build_method(tiny(f"method.vae={tmp_path / 'vae'}", "model.patch_size=1"), INFO)
+    assert method.dit.in_chans == 4 and method.dit.img_size == 4          # 8 px images -> 4x4x4 latents
+    assert not any(k.startswith("vae") for k in method.state_dict())     # the frozen VAE is not checkpointed
+    batch = {"image": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), "label": torch.arange(4)}
+    batch = method.prepare_batch(batch, torch.Generator().manual_seed(0))
+    assert batch["x0"].shape == (4, 4, 4, 4)
+    method.training_step(batch, None)["loss"].backward()
+    assert method.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 8, 8)
+    assert method.features(batch["image"]).shape == (4, method.feature_dim)

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocols", default="knn,linear,lowshot",
                    help="comma list of knn,linear,lowshot and, for JEPA world models (I-JEPA, StoP, IWM), "
                         "predictor_ft and mrr (IWM); for vision-language models (CLIP, SigLIP, Llip), "
-                        "zeroshot,retrieval")
+                        "zeroshot,retrieval; for generators (diffusion), fid (a domain FID unless "
+                        "eval.fid_feature=inception)")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
