@@ -1,9 +1,10 @@
-"""Command line: ``visrep pretrain | eval | export | demo | curate``.
+"""Command line: ``visrep pretrain | eval | export | sample | demo | curate``.
 
     visrep pretrain <method>/<recipe> train.epochs=20 optim.lr=5e-4      (packaged name or YAML path)
     torchrun --nproc-per-node 8 -m visrep pretrain <method>/<recipe> data.root=/data
     visrep eval runs/<run>/last.pt --protocols knn,linear,lowshot
     visrep export runs/<run>/last.pt encoder.safetensors
+    visrep sample runs/<run>/last.pt --n 64 --out grid.png --labels 0,1,2 --guidance 2
     visrep demo
 """
 from __future__ import annotations
@@ -35,6 +36,15 @@ def cmd_export(args) -> int:
     from visrep.runner import export_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.out, which=args.which)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from visrep.runner import sample_checkpoint
+
+    path = sample_checkpoint(args.checkpoint, args.out, n=args.n, labels=args.labels, seed=args.seed,
+                             steps=args.steps, guidance=args.guidance, sampler=args.sampler, nrow=args.nrow)
     print(f"wrote {path}")
     return 0
 
@@ -74,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocols", default="knn,linear,lowshot",
                    help="comma list of knn,linear,lowshot and, for JEPA world models (I-JEPA, StoP, IWM), "
                         "predictor_ft and mrr (IWM); for vision-language models (CLIP, SigLIP, Llip), "
-                        "zeroshot,retrieval")
+                        "zeroshot,retrieval; for generators (diffusion), fid (a domain FID unless "
+                        "eval.fid_feature=inception)")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
@@ -90,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module to export (default: the method's first, e.g. I-JEPA's target_encoder; "
                         "I-JEPA also has encoder, predictor)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sample", help="write a PNG grid of samples of a generative checkpoint (diffusion)")
+    p.add_argument("checkpoint")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+    p.add_argument("--labels", default=None,
+                   help="comma list of class ids or names, repeated to --n (default: drawn at random)")
+    p.add_argument("--seed", type=int, default=0, help="the samples are a function of the seed")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: the recipe's")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(n))")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="pretrain I-JEPA on Fashion-MNIST on CPU, then evaluate vs random init and "
                                     "raw pixels")

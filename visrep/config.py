@@ -127,6 +127,11 @@ class EvalConfig:
     finetune_baseline: bool = True   # protocol "finetune": also fine-tune the random-init encoder
     zeroshot_templates: list[str] | None = None  # prompt templates ("a photo of a {}."); null: the dataset's
     retrieval_samples: int = 1000    # test images (with all their captions) used for retrieval
+    fid_samples: int = 1000          # FID of generators: this many samples vs this many test images
+    fid_feature: Literal["domain", "inception"] = "domain"  # domain: a visrep classifier of the dataset
+                                     # (a "domain FID", not comparable to published FID); inception: the
+                                     # standard Inception-v3 (torch-fidelity, weights present locally)
+    fid_weights: str | None = None   # local Inception weights (fid_feature=inception); null: torch's cache
 
 
 @dataclass

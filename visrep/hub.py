@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import HEADS_BY_DIM, Predictor, VisionTransformer
+from .models import HEADS_BY_DIM, DiT, Predictor, VisionTransformer
 from .models.text import TextTransformer
 from .models.vit import clip_init_
 from .utils import atomic_path
@@ -26,7 +26,7 @@ __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit",
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
 REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
-                                           "TextTransformer": TextTransformer}
+                                           "TextTransformer": TextTransformer, "DiT": DiT}
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
 
 

@@ -224,6 +224,8 @@ METHOD_PROTOCOLS = {
     "retrieval": ("encode_text", "image-text retrieval recall (%)"),
     "finetune": ("finetune_network", "top-1 (%) after fine-tuning the encoder end to end (layer-wise lr decay)"),
     "snn": ("snn_accuracy", "soft nearest-neighbour top-1 % over the labelled subset"),
+    "fid": ("sample", "FID of eval.fid_samples samples vs as many test images (a domain FID unless "
+                      "eval.fid_feature=inception)"),
 }
 
 
@@ -234,7 +236,10 @@ def _format_protocol(value: float | dict[str, float]) -> str:
 
 
 def _supports(method: Method, capability: str) -> bool:
-    return hasattr(method, capability) and (capability != "encode_text" or method.can(capability))
+    # the base class's optional hooks (sample, encode_text) exist everywhere: ask whether they are implemented
+    if capability in Method.OPTIONAL_CAPABILITIES:
+        return method.can(capability)
+    return hasattr(method, capability)
 
 
 def _split_images(cfg: Config, protocol: str, split: str = "test"):
@@ -281,6 +286,12 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict
     if protocol == "snn":
         _, x, y = _split_images(cfg, protocol, "train")
         return method.snn_accuracy(x, y, images, labels)
+    if protocol == "fid":
+        from visrep.eval.fid import fid_protocol
+
+        _, x, y = _split_images(cfg, protocol, "train")
+        return fid_protocol(method, (x, y), (images, labels), cfg.data.name, n=e.fid_samples, feature=e.fid_feature,
+                            weights=e.fid_weights, batch_size=e.batch_size, seed=cfg.train.seed, device=device)
     if protocol == "zeroshot":
         from visrep.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classification
 
@@ -311,6 +322,48 @@ def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
     meta = {"method": cfg.method.name, "module": which, "step": state["step"], "image_size": cfg.data.image_size,
             "data_info": method.data_info.to_dict(), **export.metadata}
     return export_safetensors(export.module, out, metadata=meta)
+
+
+def parse_labels(spec: str | None, classes: Sequence[str] | None) -> list[int] | None:
+    """``"3,1,cat"`` -> label ids (class names looked up in ``classes``); None stays None."""
+    if not spec:
+        return None
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item.lstrip("-").isdigit():
+            out.append(int(item))
+        elif classes and item in classes:
+            out.append(list(classes).index(item))
+        else:
+            raise ValueError(f"label {item!r} is neither an integer nor a class name"
+                             + (f" (classes: {', '.join(classes)})" if classes else ""))
+    return out
+
+
+def sample_checkpoint(path: str, out: str, n: int = 64, labels: str | None = None, seed: int = 0,
+                      steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                      nrow: int | None = None) -> Path:
+    """Write a PNG grid of ``n`` samples of a generator checkpoint (``Method.sample``). ``labels``: a
+    comma list of class ids or names, repeated to ``n`` (default: drawn uniformly); ``steps``,
+    ``guidance`` and ``sampler`` override the checkpoint's ``method.sample_steps`` / ``guidance`` /
+    ``sampler``."""
+    import math
+
+    from torchvision.utils import save_image
+
+    overrides = [f"method.{k}={v}" for k, v in (("sample_steps", steps), ("guidance", guidance), ("sampler", sampler))
+                 if v is not None]
+    cfg, method, state = load_trained(path, overrides)
+    if not method.can("sample"):
+        raise ValueError(f"{path}: {cfg.method.name} is not a generative model (no sample())")
+    ids = parse_labels(labels, method.data_info.classes)
+    label_tensor = torch.tensor([ids[i % len(ids)] for i in range(n)]) if ids else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = method.to(device).sample(n, labels=label_tensor, generator=torch.Generator().manual_seed(seed))
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float() / 255, out_path, nrow=nrow or math.ceil(math.sqrt(n)), padding=1)
+    return out_path
 
 
 # -- demo --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ METHODS: dict[str, MethodEntry] = {
     "paws": MethodEntry("visrep.methods.paws", "PAWSConfig", "PAWS"),
     "supervised": MethodEntry("visrep.methods.supervised", "SupervisedConfig", "Supervised"),
     "mae": MethodEntry("visrep.methods.mae", "MAEConfig", "MAE"),
+    "diffusion": MethodEntry("visrep.methods.diffusion", "DiffusionConfig", "Diffusion"),
 }
 
 

@@ -126,6 +126,8 @@ class Method(nn.Module):
     ``after_optimizer_step`` and ``features``."""
 
     feature_description: str = "encoder output"
+    # hooks the base class declares but only some methods implement (``can`` tells)
+    OPTIONAL_CAPABILITIES = ("sample", "encode_text")
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__()

@@ -1,3 +1,4 @@
+from .dit import DiT
 from .heads import DINOHead
 from .predictor import Predictor
 from .vit import (
@@ -11,5 +12,5 @@ from .vit import (
     vit_from_config,
 )
 
-__all__ = ["DINOHead", "HEADS_BY_DIM", "Normalize", "Predictor", "VisionTransformer", "VIT_SIZES", "apply_masks",
+__all__ = ["DINOHead", "DiT", "HEADS_BY_DIM", "Normalize", "Predictor", "VisionTransformer", "VIT_SIZES", "apply_masks",
            "repeat_interleave_batch", "sincos_pos_embed_2d", "vit_from_config"]

@@ -1,0 +1,328 @@
+"""Diffusion: a class-conditional DiT trained as a DDPM denoiser, sampled with DDPM or DDIM.
+
+Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (training, epsilon loss); Song et al.,
+"Denoising Diffusion Implicit Models", 2021 (sampling); Peebles & Xie, "Scalable Diffusion Models
+with Transformers", 2023 (the DiT, adaLN-Zero, classifier-free guidance, EMA); Ho & Salimans,
+"Classifier-Free Diffusion Guidance", 2022. PiT (Nguyen et al., 2024): the same DiT with 1x1
+patches, each pixel (or latent pixel) a token.
+
+    Training (every step; all randomness from the step generator, so resume and DDP are exact):
+        x0 = 2 * image - 1                    # pixels in [-1, 1]; with method.vae: VAE latent * scale
+        t  ~ Uniform{0, ..., T-1}             # one timestep per sample
+        eps ~ N(0, I)
+        y  = label, replaced by the null class with probability class_dropout (CFG training)
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          # diffusers DDPMScheduler.add_noise
+        loss = || eps - DiT(x_t, t, y) ||^2                   # the simple (epsilon) objective
+        AdamW step; ema <- m * ema + (1 - m) * DiT           # m = min(ema, (1 + s) / (10 + s))
+
+    Sampling (the EMA DiT; diffusers DDPMScheduler or DDIMScheduler over sample_steps steps):
+        x_T ~ N(0, I); y given or uniform over the classes
+        for t in the scheduler's timesteps:
+            eps = eps(x_t, null) + w * (eps(x_t, y) - eps(x_t, null))   # guidance scale w (1: off)
+            x_{t-1} = scheduler.step(eps, t, x_t)
+        image = (x_0 + 1) / 2 (VAE: decode(x_0 / scale) first) -> uint8
+
+The noise schedule, ``add_noise`` and the sampler steps are diffusers' (a well-kept library), not
+hand-written. The DiT's size is the ``model`` section (``patch_size``, ``embed_dim``, ``depth``,
+``num_heads``, ``mlp_ratio``, ``pos_embed``, ``grad_checkpointing``); ``patch_size: 1`` makes every
+pixel a token. ``learn_sigma`` (DiT's learned variance, trained with the VLB term) is supported by
+:class:`visrep.models.DiT` for loading such models but not trained here: epsilon prediction only.
+
+Latent diffusion: ``method.vae`` names a local folder holding a diffusers ``AutoencoderKL``
+(``config.json`` + weights, e.g. ``stabilityai/sd-vae-ft-ema`` saved with ``save_pretrained``); it
+is never downloaded. The DiT then works on its latents (4 channels at image_size / 8), scaled by
+``vae_scale`` (null: the VAE's ``scaling_factor``, 0.18215 for SD's VAE); the VAE stays frozen and
+outside the state dict (checkpoints hold the DiT and its EMA only).
+
+Probe features (``features``): the EMA DiT at the fixed timestep ``feature_timestep`` on the clean
+image (no noise added, so they are deterministic), null class; the last block's layer-normed tokens,
+mean-pooled (PiT / DiT representation probes use such pooled intermediate tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visrep.data.transforms import batch_resize_center_crop
+from visrep.models.dit import DiT
+from visrep.optim.ema import ema_update_, make_target
+from visrep.optim.groups import decay_groups
+
+from .base import DataInfo, Export, Method, Step, module_metadata
+
+
+@dataclass
+class DiffusionConfig:
+    name: Literal["diffusion"] = "diffusion"
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"   # DDPM / DiT: linear
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    class_cond: bool = True                 # condition on labels when the dataset has classes
+    class_dropout: float = 0.1              # label -> null class with this probability (CFG training)
+    hflip: bool = False                     # random horizontal flips (DiT on ImageNet: true)
+    ema: float = 0.9999                     # EMA momentum of the sampling model (DiT: 0.9999)
+    ema_warmup: bool = True                 # momentum min(ema, (1 + step) / (10 + step)): short runs
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sample_steps: int = 50
+    guidance: float = 1.5                   # classifier-free guidance scale (1: conditional only)
+    ddim_eta: float = 0.0
+    feature_timestep: int = 10              # timestep at which features() reads the DiT
+    vae: str | None = None                  # local diffusers AutoencoderKL folder: latent diffusion
+    vae_scale: float | None = None          # latent scaling (null: the VAE's scaling_factor)
+
+
+def classifier_free_guidance(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
+    """``eps_uncond + scale * (eps_cond - eps_uncond)`` (scale 1: the conditional prediction)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def _require_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        from visrep.config import ConfigError
+
+        raise ConfigError("method.name=diffusion needs the diffusers package: "
+                          "pip install 'visrep[diffusion]'") from None
+    return diffusers
+
+
+def load_vae(path: str | Path) -> nn.Module:
+    """A frozen diffusers ``AutoencoderKL`` from a local folder (never downloaded)."""
+    from visrep.config import ConfigError
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"method.vae={str(path)!r}: no diffusers AutoencoderKL there (a folder with config.json "
+                          "and the weights, written by AutoencoderKL.save_pretrained); latent diffusion needs a "
+                          "local VAE, it is never downloaded; unset method.vae to diffuse pixels")
+    vae = _require_diffusers().AutoencoderKL.from_pretrained(str(p), local_files_only=True).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+class Diffusion(Method):
+    feature_description = ("EMA DiT at timestep method.feature_timestep on the clean image, null class: "
+                           "last-block tokens, layer-normed, mean-pooled")
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        from visrep.config import ConfigError
+
+        _require_diffusers()
+        m, mc = cfg.method, cfg.model
+        if mc.class_token or mc.num_registers:
+            raise ConfigError("the DiT has no prefix tokens: model.class_token must be false and model.num_registers 0")
+        if mc.drop_path_rate or mc.init_values is not None:
+            raise ConfigError("the DiT has no drop-path or LayerScale: model.drop_path_rate must be 0 and "
+                              "model.init_values null")
+        if mc.embed_dim % mc.num_heads:
+            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
+        if mc.pos_embed == "sincos" and mc.embed_dim % 4:
+            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by 4 for sin-cos position embeddings")
+        size = cfg.data.image_size
+        if m.vae is not None:
+            vae_cfg = load_vae_config(m.vae)
+            factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+            if size % factor:
+                raise ConfigError(f"data.image_size={size} must be a multiple of the VAE's downsampling ({factor})")
+            size //= factor
+        if size % mc.patch_size:
+            raise ConfigError(f"the DiT's input size {size} (data.image_size{' / VAE factor' if m.vae else ''}) "
+                              f"must be a multiple of model.patch_size={mc.patch_size}")
+        if not 0 <= m.class_dropout < 1:
+            raise ConfigError(f"method.class_dropout={m.class_dropout} must be in [0, 1)")
+        if not 0 <= m.ema <= 1:
+            raise ConfigError(f"method.ema={m.ema} must be in [0, 1]")
+        if m.num_train_timesteps < 2:
+            raise ConfigError(f"method.num_train_timesteps={m.num_train_timesteps} must be >= 2")
+        if not 1 <= m.sample_steps <= m.num_train_timesteps:
+            raise ConfigError(f"method.sample_steps={m.sample_steps} must be in [1, method.num_train_timesteps="
+                              f"{m.num_train_timesteps}]")
+        if not 0 <= m.feature_timestep < m.num_train_timesteps:
+            raise ConfigError(f"method.feature_timestep={m.feature_timestep} must be in [0, "
+                              f"{m.num_train_timesteps})")
+        if not 0 < m.beta_start < m.beta_end < 1:
+            raise ConfigError(f"method.beta_start={m.beta_start} and method.beta_end={m.beta_end} must satisfy "
+                              "0 < beta_start < beta_end < 1")
+        if m.guidance < 0:
+            raise ConfigError(f"method.guidance={m.guidance} must be >= 0 (1: no guidance)")
+
+    def __init__(self, cfg, data_info: DataInfo):
+        super().__init__(cfg, data_info)
+        diffusers = _require_diffusers()
+        m, mc = cfg.method, cfg.model
+        self.cfg = m
+        self.image_size = cfg.data.image_size
+        self.vae = load_vae(m.vae) if m.vae is not None else None   # frozen, not in the state dict
+        chans, size = self.data_info.in_chans, self.image_size
+        if self.vae is not None:
+            chans = self.vae.config.latent_channels
+            size //= 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.vae_scale = m.vae_scale if m.vae_scale is not None else self.vae.config.scaling_factor
+        num_classes = (self.data_info.num_classes or 0) if m.class_cond else 0
+        self.dit = DiT(img_size=size, patch_size=mc.patch_size, in_chans=chans, embed_dim=mc.embed_dim,
+                       depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio, num_classes=num_classes,
+                       pos_embed=mc.pos_embed, qkv_bias=mc.qkv_bias)
+        self.dit.grad_checkpointing = mc.grad_checkpointing
+        self.ema = make_target(self.dit)
+        self.scheduler = diffusers.DDPMScheduler(
+            num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule, beta_start=m.beta_start,
+            beta_end=m.beta_end, prediction_type="epsilon", clip_sample=self.vae is None)
+
+    def __setattr__(self, name, value):
+        if name == "vae" and isinstance(value, nn.Module):  # keep the frozen VAE out of the state dict
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def conditional(self) -> bool:
+        return self.dit.num_classes > 0
+
+    # -- data ------------------------------------------------------------------------------------
+    def to_model_space(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 (or float [0, 1]) images -> x0: pixels in [-1, 1] at ``image_size`` (with a VAE: its
+        latents times the scale, sampled from the posterior with ``generator``, its mean without)."""
+        device = self.dit.pos_embed.device
+        images = images.to(device)
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            images = batch_resize_center_crop(images, self.image_size)
+        elif images.dtype == torch.uint8:
+            images = images.float() / 255
+        x = images.to(self.dit.pos_embed.dtype) * 2 - 1
+        if self.vae is None:
+            return x
+        self.vae.to(device=device, dtype=x.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+            z = dist.sample(generator=generator) if generator is not None else dist.mode()
+        return z * self.vae_scale
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        x0 = self.to_model_space(batch["image"], generator)
+        n, device = x0.size(0), x0.device
+        if self.cfg.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(device).view(n, 1, 1, 1)
+            x0 = torch.where(flip, x0.flip(-1), x0)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, x0.dtype)
+        labels = None
+        if self.conditional:
+            null = self.dit.null_class
+            drop = (torch.rand(n, generator=generator) < self.cfg.class_dropout).to(device)
+            labels = batch["label"].to(device)
+            labels = torch.where(drop | (labels < 0), torch.full_like(labels, null), labels)
+        return {**batch, "x0": x0, "noise": noise, "timesteps": t, "labels": labels}
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        x0, noise, t = batch["x0"], batch["noise"], batch["timesteps"]
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        eps = self.dit(x_t, t, batch["labels"])[:, :x0.shape[1]]
+        return {"loss": F.mse_loss(eps, noise)}  # autocast computes it in float32
+
+    def param_groups(self) -> list[dict]:
+        return decay_groups(self.dit)
+
+    def ema_momentum(self, step: int) -> float:
+        return min(self.cfg.ema, (1 + step) / (10 + step)) if self.cfg.ema_warmup else self.cfg.ema
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: Step) -> None:
+        ema_update_(self.ema, self.dit, self.ema_momentum(step.step))
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sampling_scheduler(self):
+        """A fresh diffusers scheduler (DDPM or DDIM) with the training noise schedule."""
+        diffusers = _require_diffusers()
+        cls = diffusers.DDIMScheduler if self.cfg.sampler == "ddim" else diffusers.DDPMScheduler
+        return cls.from_config(self.scheduler.config)
+
+    @torch.no_grad()
+    def guided_eps(self, x: Tensor, t: Tensor, labels: Tensor | None, scale: float,
+                   model: nn.Module | None = None) -> Tensor:
+        """The noise prediction under classifier-free guidance: both branches in one batch (the
+        unconditional one with the null class), combined by :func:`classifier_free_guidance`."""
+        model = self.ema if model is None else model
+        c = x.shape[1]
+        if labels is None or not self.conditional or scale == 1.0:
+            return model(x, t, labels)[:, :c]
+        null = torch.full_like(labels, self.dit.null_class)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))[:, :c]
+        eps_cond, eps_uncond = both.chunk(2)
+        return classifier_free_guidance(eps_cond, eps_uncond, scale)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` images ``uint8 [n, C, H, W]`` from the EMA DiT (``method.sampler`` over
+        ``method.sample_steps`` steps, guidance ``method.guidance``); labels default to uniform draws
+        over the classes. A pure function of ``generator``'s state (default: seeded by train.seed)."""
+        g = generator if generator is not None else torch.Generator().manual_seed(self.run_cfg.train.seed)
+        device, dtype = self.ema.pos_embed.device, self.ema.pos_embed.dtype
+        if self.conditional:
+            if labels is None:
+                labels = torch.randint(0, self.dit.num_classes, (n,), generator=g)
+            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+            if labels.numel() != n:
+                raise ValueError(f"sample: {labels.numel()} labels for {n} images")
+            if (labels < 0).any() or (labels > self.dit.num_classes).any():
+                raise ValueError(f"sample: labels must be in [0, {self.dit.num_classes}] ({self.dit.num_classes}: "
+                                 "the null class)")
+        else:
+            labels = None
+        d = self.ema
+        x = torch.randn((n, d.in_chans, d.img_size, d.img_size), generator=g).to(device, dtype)
+        scheduler = self.sampling_scheduler()
+        scheduler.set_timesteps(self.cfg.sample_steps)
+        extra = {"eta": self.cfg.ddim_eta} if self.cfg.sampler == "ddim" else {}
+        for t in scheduler.timesteps:
+            eps = self.guided_eps(x, t.to(device).expand(n), labels, self.cfg.guidance)
+            x = scheduler.step(eps, t, x, generator=g, **extra).prev_sample
+        return self.to_uint8(x)
+
+    def to_uint8(self, x: Tensor) -> Tensor:
+        """Model-space samples -> ``uint8`` images (decoding latents with the VAE)."""
+        if self.vae is not None:
+            self.vae.to(device=x.device, dtype=x.dtype)
+            x = self.vae.decode(x / self.vae_scale).sample
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+    # -- evaluation and export -------------------------------------------------------------------
+    def eval_module(self) -> nn.Module:
+        return self.ema
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        x = self.to_model_space(images)
+        t = torch.full((x.size(0),), self.cfg.feature_timestep, device=x.device, dtype=torch.long)
+        return self.ema.pooled(x, t)
+
+    def export_modules(self) -> dict[str, Export]:
+        return {name: Export(getattr(self, name), module_metadata(getattr(self, name))) for name in ("ema", "dit")}
+
+
+def load_vae_config(path: str | Path) -> dict:
+    """The VAE's ``config.json`` (validation reads its geometry without loading the weights)."""
+    import json
+
+    from visrep.config import ConfigError
+
+    p = Path(path).expanduser() / "config.json"
+    if not p.is_file():
+        load_vae(path)  # raises the full message
+    try:
+        cfg = json.loads(p.read_text())
+        cfg["block_out_channels"]
+    except (ValueError, KeyError):
+        raise ConfigError(f"method.vae={str(path)!r}: {p} is not an AutoencoderKL config") from None
+    return cfg
+
+
+__all__ = ["Diffusion", "DiffusionConfig", "classifier_free_guidance", "load_vae"]
