@@ -241,6 +241,22 @@ class FeatureNetwork(nn.Module):
         return self._features(self.method, images)
 
 
+def check_vit_config(cfg, sizes: dict[str, int] | None = None, class_token: str | None = None) -> None:
+    """The ViT checks every method's ``validate`` shares (``ConfigError`` naming the key): the heads
+    divide ``model.embed_dim``; every input size in ``sizes`` (default: ``data.image_size``) is a
+    multiple of ``model.patch_size``; ``class_token``, when given, says why a [CLS] token is required."""
+    from visrep.config import ConfigError
+
+    mc = cfg.model
+    if class_token and not mc.class_token:
+        raise ConfigError(f"{class_token}: model.class_token must be true")
+    if mc.embed_dim % mc.num_heads:
+        raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
+    for key, size in (sizes or {"data.image_size": cfg.data.image_size}).items():
+        if size % mc.patch_size:
+            raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+
+
 def module_metadata(module: nn.Module) -> dict:
     """Rebuild metadata of a module that records its constructor arguments (``module.arch``)."""
     arch = getattr(module, "arch", None)
@@ -249,4 +265,5 @@ def module_metadata(module: nn.Module) -> dict:
     return {"class": type(module).__name__, "arch": dict(arch)}
 
 
-__all__ = ["DataInfo", "Export", "FeatureNetwork", "Method", "Step", "StreamSpec", "decay_groups", "module_metadata"]
+__all__ = ["DataInfo", "Export", "FeatureNetwork", "Method", "Step", "StreamSpec", "check_vit_config", "decay_groups",
+           "module_metadata"]

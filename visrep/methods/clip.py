@@ -41,7 +41,7 @@ from visrep.models import Normalize
 from visrep.models.text import TextTransformer, Tokenizer
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 LOG_1_OVER_007 = math.log(1 / 0.07)
 
@@ -96,11 +96,7 @@ class VisionLanguage(Method):
         if mc.num_registers or mc.class_token:
             raise ConfigError("vision-language methods set the tower's prefix tokens themselves: model.class_token "
                               "must be false and model.num_registers 0")
-        if cfg.data.image_size % mc.patch_size:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of model.patch_size="
-                              f"{mc.patch_size}")
-        if mc.embed_dim % mc.num_heads:
-            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
+        check_vit_config(cfg)
         if m.text_width % m.text_heads:
             raise ConfigError(f"method.text_width={m.text_width} must be divisible by method.text_heads={m.text_heads}")
         if m.context_length < 3:

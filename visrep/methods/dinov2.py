@@ -66,7 +66,7 @@ from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import vit_lr_decay_rate
 from visrep.optim.schedules import cosine_momentum, cosine_schedule
 
-from .base import DataInfo, Export, Method, Step, module_metadata
+from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
 
 
 @dataclass
@@ -177,14 +177,9 @@ class DINOv2(Method):
     def validate(cls, cfg) -> None:
         from visrep.config import ConfigError
 
-        mc, m = cfg.model, cfg.method
-        if not mc.class_token:
-            raise ConfigError("DINOv2 needs a [CLS] token: set model.class_token=true")
-        if mc.embed_dim % mc.num_heads:
-            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
-        for key, size in (("data.image_size", cfg.data.image_size), ("method.local_crop_size", m.local_crop_size)):
-            if size % mc.patch_size:
-                raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+        m = cfg.method
+        check_vit_config(cfg, {"data.image_size": cfg.data.image_size, "method.local_crop_size": m.local_crop_size},
+                         class_token="DINOv2's losses read the [CLS] token")
         if m.n_local_crops < 0:
             raise ConfigError(f"method.n_local_crops={m.n_local_crops} must be >= 0")
         if not 0 <= m.mask_ratio[0] <= m.mask_ratio[1] <= 1:

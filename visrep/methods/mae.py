@@ -34,7 +34,7 @@ from visrep.data.transforms import batch_random_resized_crop
 from visrep.models import Normalize, Predictor, apply_masks, vit_from_config
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Export, Method, Step, module_metadata
+from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
 
 
 @dataclass
@@ -91,18 +91,13 @@ class MAE(Method):
     def validate(cls, cfg) -> None:
         from visrep.config import ConfigError
 
-        m, mc = cfg.method, cfg.model
+        m = cfg.method
         if not 0 < m.mask_ratio < 1:
             raise ConfigError(f"method.mask_ratio={m.mask_ratio} must be in (0, 1)")
-        if cfg.data.image_size % mc.patch_size:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
-                              f"model.patch_size={mc.patch_size}")
-        for key, dim, heads in (("model.embed_dim", mc.embed_dim, mc.num_heads),
-                                ("method.decoder_dim", m.decoder_dim, m.decoder_heads)):
-            if dim % heads:
-                raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
-        if m.pool == "cls" and not mc.class_token:
-            raise ConfigError("method.pool=cls needs model.class_token=true")
+        check_vit_config(cfg, class_token="method.pool=cls pools the [CLS] token" if m.pool == "cls" else None)
+        if m.decoder_dim % m.decoder_heads:
+            raise ConfigError(f"method.decoder_dim={m.decoder_dim} must be divisible by method.decoder_heads="
+                              f"{m.decoder_heads}")
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)

@@ -61,7 +61,7 @@ from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups
 from visrep.optim.schedules import linear_momentum
 
-from .base import DataInfo, Export, Method, Step, module_metadata
+from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
 from .ijepa import redraw_linear_
 
 
@@ -157,14 +157,9 @@ class MSN(Method):
         from visrep.config import ConfigError
 
         mc, m = cfg.model, cfg.method
-        if not mc.class_token:
-            raise ConfigError("MSN represents an image by its [CLS] token: model.class_token must be true")
-        if mc.embed_dim % mc.num_heads:
-            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
         rand = m.rand_size or cfg.data.image_size
-        for key, size in (("method.rand_size", rand), ("method.focal_size", m.focal_size)):
-            if size % mc.patch_size:
-                raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+        check_vit_config(cfg, {"method.rand_size": rand, "method.focal_size": m.focal_size},
+                         class_token="MSN represents an image by its [CLS] token")
         if not 0.0 <= m.patch_drop < 1.0:
             raise ConfigError(f"method.patch_drop={m.patch_drop} must be in [0, 1)")
         if m.patch_drop and num_kept((rand // mc.patch_size) ** 2, m.patch_drop) < 1:

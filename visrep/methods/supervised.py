@@ -34,7 +34,7 @@ from visrep.data.transforms import batch_random_resized_crop
 from visrep.models import Normalize, vit_from_config
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Method, Step
+from .base import DataInfo, Method, Step, check_vit_config
 
 
 @dataclass
@@ -61,14 +61,8 @@ class Supervised(Method):
     def validate(cls, cfg) -> None:
         from visrep.config import ConfigError
 
-        m, mc = cfg.method, cfg.model
-        if m.pool == "cls" and not mc.class_token:
-            raise ConfigError("method.pool=cls needs model.class_token=true")
-        if mc.embed_dim % mc.num_heads:
-            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
-        if cfg.data.image_size % mc.patch_size:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
-                              f"model.patch_size={mc.patch_size}")
+        m = cfg.method
+        check_vit_config(cfg, class_token="method.pool=cls pools the [CLS] token" if m.pool == "cls" else None)
         if not 0 <= m.label_smoothing < 1:
             raise ConfigError(f"method.label_smoothing={m.label_smoothing} must be in [0, 1)")
         if (m.mixup or m.cutmix) and cfg.train.batch_size % 2:
