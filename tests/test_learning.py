@@ -29,7 +29,7 @@ def test_beats_random_init_on_knn(recipe, margin, tmp_path):
 
     path = resolve_config(recipe)
     batch = load_config(path).train.batch_size
-    cfg = load_config(path, [f"train.max_steps={STEPS}", "train.max_minutes=null", "train.threads=1",
+    cfg = load_config(path, [f"train.max_steps={STEPS}", "train.max_minutes=null",
                              "train.progress=false", f"train.out_dir={tmp_path}", "train.ckpt_every=100000",
                              f"train.epochs={STEPS * batch // 60000 + 1}"])
     method, result = pretrain(cfg)
@@ -67,7 +67,7 @@ def test_conditioned_iwm_predictor_is_a_better_world_model(tmp_path):
     path = resolve_config("iwm/fashion_mnist")
     mrr = {}
     for conditioning in ("feature", "none"):
-        cfg = load_config(path, [f"train.max_steps={MRR_STEPS}", "train.max_minutes=null", "train.threads=1",
+        cfg = load_config(path, [f"train.max_steps={MRR_STEPS}", "train.max_minutes=null",
                                  "train.progress=false", f"train.out_dir={tmp_path / conditioning}",
                                  "train.ckpt_every=100000", f"train.epochs={MRR_STEPS * 128 // 60000 + 1}",
                                  f"method.conditioning={conditioning}"])

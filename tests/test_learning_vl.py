@@ -30,7 +30,7 @@ def test_beats_chance_on_zeroshot_and_retrieval(name, steps, tmp_path):
 
     path = resolve_config(f"{name}/procedural")
     epochs = steps * load_config(path).train.batch_size // 2000 + 1     # 2000 procedural training images
-    cfg = load_config(path, [f"train.max_steps={steps}", f"train.epochs={epochs}", "train.threads=1",
+    cfg = load_config(path, [f"train.max_steps={steps}", f"train.epochs={epochs}",
                              "train.device=cpu", f"train.out_dir={tmp_path}", "train.ckpt_every=100000"])
     method, result = pretrain(cfg)
     assert result.step == steps and result.losses[-1] < result.losses[0]
