@@ -106,6 +106,9 @@ class TrainConfig:
     online_knn_samples: int = 5000
     threads: int | None = None    # torch.set_num_threads
     progress: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP (replicated) or FSDP2 (fully_shard:
+                                     # each trained transformer block a unit, then the method; EMA teachers
+                                     # replicated; checkpoints in DDP's format); see visrep/engine/fsdp.py
 
 
 @dataclass
