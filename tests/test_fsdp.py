@@ -21,15 +21,20 @@ from test_contract import B, _as64, _shard, build, tiny_config
 from visrep.config import ConfigError, load_config
 
 STEPS, CUT = 3, 2  # steps of each run; the step of the checkpoint the resumed runs start from
-NAMES = ["ijepa", "dinov2"]
+# (method, overrides): the tiny recipes, and DINOv2 with activation checkpointing, a separate iBOT head
+# (unused on a process without masked crops) and global gradient clipping combined with FSDP
+CASES = {"ijepa": ("ijepa", ()), "dinov2": ("dinov2", ()),
+         "dinov2-ckpt-ibot-clip": ("dinov2", ("model.grad_checkpointing=true", "method.ibot_separate_head=true",
+                                              "method.ibot_n_prototypes=64", "method.ibot_hidden_dim=32",
+                                              "method.ibot_bottleneck_dim=16", "optim.clip_grad=1.0"))}
 
 
-def _prepared_batches(name: str, out_dir) -> tuple:
+def _prepared_batches(name: str, out_dir, overrides=()) -> tuple:
     """The config (batch 2B), the dataset and the first STEPS prepared batches of 2B images (float64),
     the same in every process (built before the process group exists)."""
     from visrep.engine.trainer import Trainer
 
-    cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}")
+    cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}", *overrides)
     method, ds = build(cfg)
     batches = Trainer(cfg, method, ds)._batches(0)
     prepared = [_as64(next(batches)) for _ in range(STEPS)]
@@ -77,13 +82,13 @@ def _run(cfg, ds, batches, *, parallel: str, out_dir: Path, rank: int, world: in
     return losses
 
 
-def _worker(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, name: str, out_dir: str, overrides=()) -> None:
     from visrep import distributed as D
 
     torch.set_num_threads(1)
     out = Path(out_dir)
     try:
-        cfg, ds, batches = _prepared_batches(name, out)
+        cfg, ds, batches = _prepared_batches(name, out, overrides)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         D.init_distributed("gloo")
@@ -113,9 +118,11 @@ def _assert_same_state(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("name", NAMES)
-def test_fsdp_equals_ddp_and_checkpoints_interchange(name, tmp_path, free_port):
-    mp.start_processes(_worker, args=(2, free_port, name, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fsdp_equals_ddp_and_checkpoints_interchange(case, tmp_path, free_port):
+    name, overrides = CASES[case]
+    mp.start_processes(_worker, args=(2, free_port, name, str(tmp_path), overrides), nprocs=2, join=True,
+                       start_method="fork")
     runs = [torch.load(tmp_path / f"losses{r}.pt", weights_only=True) for r in range(2)]
     assert runs[0] == runs[1]  # every process reports the averaged terms
     ddp = runs[0]["ddp"]
@@ -139,7 +146,7 @@ def test_fsdp_equals_ddp_and_checkpoints_interchange(name, tmp_path, free_port):
     _assert_same_state(loaded.state_dict(), {k: v.float() if v.is_floating_point() else v
                                              for k, v in want["model"].items()}, "load_trained")
     # one process (batch 2B) continues the FSDP checkpoint as the 2-process DDP run continued
-    cfg, ds, batches = _prepared_batches(name, tmp_path)
+    cfg, ds, batches = _prepared_batches(name, tmp_path, overrides)
     single = _run(cfg, ds, batches, parallel="fsdp", out_dir=tmp_path / "single", rank=0, world=1,
                   resume=tmp_path / "fsdp" / "cut.pt")
     assert single == pytest.approx(ddp[CUT:], rel=1e-10, abs=1e-12)
