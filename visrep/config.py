@@ -53,7 +53,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     init_values: float | None = None  # LayerScale (DINOv2); None: off
     patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
-    grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors)
+    grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors;
+                                      # combines with train.parallel=fsdp)
     pixel_permutation: int | None = None  # locality control: a fixed pixel order (this seed) for every image
 
 

@@ -16,8 +16,8 @@ keep the whole student in memory and defeat the purpose.
 
 Checkpoints. :func:`full_state` gathers the model's and the optimizer's state dicts to whole CPU
 tensors on the main process, so ``last.pt`` has exactly DDP's format (same keys, optimizer state
-keyed by parameter index): a checkpoint written under FSDP resumes under DDP, on one process, or
-under FSDP with another process count, and the other way round. :func:`load_full_state` /
+keyed by parameter index): a checkpoint written under FSDP resumes under DDP and the other way round,
+and loads on one process (``load_trained``: eval, export). :func:`load_full_state` /
 :func:`load_full_optimizer_state` cut whole tensors into this process's shards (no communication).
 
 Activation checkpointing (``model.grad_checkpointing=true``) recomputes each block in backward and
