@@ -2,6 +2,7 @@
 
     visrep pretrain <method>/<recipe> train.epochs=20 optim.lr=5e-4      (packaged name or YAML path)
     torchrun --nproc-per-node 8 -m visrep pretrain <method>/<recipe> data.root=/data
+    torchrun --nproc-per-node 8 -m visrep pretrain dinov2/imagenet_vit_g14 train.parallel=fsdp  (FSDP2)
     visrep eval runs/<run>/last.pt --protocols knn,linear,lowshot
     visrep export runs/<run>/last.pt encoder.safetensors
     visrep sample runs/<run>/last.pt --n 64 --out grid.png --labels 0,1,2 --guidance 2

@@ -53,7 +53,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     init_values: float | None = None  # LayerScale (DINOv2); None: off
     patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
-    grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors)
+    grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors;
+                                      # combines with train.parallel=fsdp)
     pixel_permutation: int | None = None  # locality control: a fixed pixel order (this seed) for every image
 
 
@@ -106,6 +107,9 @@ class TrainConfig:
     online_knn_samples: int = 5000
     threads: int | None = None    # torch.set_num_threads
     progress: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP (replicated) or FSDP2 (fully_shard:
+                                     # each trained transformer block a unit, then the method; EMA teachers
+                                     # replicated; checkpoints in DDP's format); see visrep/engine/fsdp.py
 
 
 @dataclass

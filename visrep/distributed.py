@@ -175,6 +175,31 @@ def world_in(group=None) -> int:
     return _world(group)
 
 
+# -- FSDP2 parameters (DTensor shards) -----------------------------------------------------------
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``DTensor`` (e.g. an FSDP2-sharded parameter, its gradient or optimizer state)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def is_fsdp_module(module) -> bool:
+    """Whether ``module`` was sharded by FSDP2 ``fully_shard`` (its parameters are gathered by hooks
+    around its ``forward``: code that calls its submodules directly must call the module instead)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a ``DTensor`` gathered (a collective: every process must call it), else ``x``."""
+    return x.full_tensor() if is_dtensor(x) else x
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
@@ -188,11 +213,14 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cleanup",
+    "full_tensor",
     "get_local_rank",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_distributed",
+    "is_dtensor",
+    "is_fsdp_module",
     "is_main",
     "rank_in",
     "world_in",

@@ -1,7 +1,8 @@
 """One training loop for every method.
 
 The trainer knows nothing about any method: it reads the method's data streams and parameter
-groups, feeds it batch dicts, calls ``training_step`` (through DDP when distributed), steps the
+groups, feeds it batch dicts, calls ``training_step`` (through DDP when distributed, or on the method
+sharded with FSDP2 under ``train.parallel=fsdp``: :mod:`visrep.engine.fsdp`), steps the
 optimizer with the schedules' lr / weight decay, and calls the method's hooks.
 
     for step in range(start, total_steps):
@@ -129,9 +130,14 @@ class Trainer:
 
         self._build_streams(method.streams())
 
-        # -- model (DDP / compile) and optimizer
+        # -- model (DDP / FSDP2 / compile) and optimizer
         self.model = method
-        if self.world > 1:
+        self.fsdp = self.world > 1 and tc.parallel == "fsdp"
+        if self.fsdp:  # sharded in place: the method is the FSDP root (see visrep/engine/fsdp.py)
+            from .fsdp import shard_method
+
+            shard_method(method, self.device, self.world)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -355,7 +361,8 @@ class Trainer:
                                      checkpoint=self.last_good)
         self.method.before_optimizer_step(info)
         if self.cfg.optim.clip_grad:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad, foreach=True)
+            self.grad_norm = D.full_tensor(norm)  # FSDP: a replicated DTensor (no communication)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(info)
@@ -364,12 +371,17 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def _save(self, step: int, elapsed: float, history: list[dict]) -> None:
         rng = D.all_gather_object(rng_state())  # every rank's RNG, so that DDP resumes exactly too
+        model, optimizer = self.method.state_dict(), self.optimizer.state_dict()
+        if self.fsdp:  # whole tensors on the main process: DDP's format, every process gathers
+            from .fsdp import full_state
+
+            model, optimizer = full_state(model, D.is_main()), full_state(optimizer, D.is_main())
         error = None
         if D.is_main():
             state = {
                 "format": CKPT_FORMAT,
-                "model": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model,
+                "optimizer": optimizer,
                 "step": step,
                 "epoch": step // self.steps_per_epoch,
                 "total_steps": self.total_steps,
@@ -405,8 +417,14 @@ class Trainer:
         elif self.total_steps != state["total_steps"]:
             warnings.warn(f"resuming {path} with a different run length ({state['total_steps']} -> "
                           f"{self.total_steps} steps): the lr/wd schedules change from here on", stacklevel=3)
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:  # a whole (DDP-format) checkpoint, cut into this process's shards
+            from .fsdp import load_full_optimizer_state, load_full_state
+
+            load_full_state(self.method, state["model"])
+            load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         rng = state["rng"]
         if len(rng) == self.world:
             set_rng_state(rng[self.rank])
@@ -486,7 +504,14 @@ class Trainer:
                 logger.advance()
 
                 if self.knn is not None and step % self.steps_per_epoch == 0:
-                    knn = self.knn(self.method, self.device, self.autocast) if D.is_main() else None
+                    if self.fsdp:  # every process runs the sharded encoder; the main process reports
+                        from .fsdp import unsharded_root
+
+                        with unsharded_root(self.method):
+                            knn = self.knn(self.method, self.device, self.autocast)
+                        knn = knn if D.is_main() else None
+                    else:
+                        knn = self.knn(self.method, self.device, self.autocast) if D.is_main() else None
                     D.barrier()
                     if knn:
                         record = {"step": step, "epoch": info.epoch, **knn}

@@ -178,6 +178,25 @@ class Method(nn.Module):
         """Extra ``DistributedDataParallel`` keywords, e.g. ``find_unused_parameters=True``."""
         return {}
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules that FSDP2 shards as units of their own (``train.parallel=fsdp``); the method is
+        the root unit and holds every other trained parameter. A unit's parameters are gathered for its
+        forward / backward and freed after, so peak memory is about one unit plus the shards.
+
+        Default: each entry of every ``nn.ModuleList`` whose attribute name ends in ``blocks``
+        (``blocks``, ``predictor_blocks``: the transformer blocks of encoders, predictors, students,
+        heads) when all its parameters require gradients. EMA targets and frozen teachers
+        (``requires_grad=False``) are never units: every parameter the optimizer does not update stays
+        a plain, replicated tensor (see :mod:`visrep.engine.fsdp`)."""
+        units = []
+        for name, module in self.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks"):
+                for block in module:
+                    params = list(block.parameters())
+                    if params and all(p.requires_grad for p in params):
+                        units.append(block)
+        return units
+
     # -- capabilities the runner asks for --------------------------------------------------------
     def eval_module(self) -> nn.Module:
         """The module features come from (moved to the evaluation device)."""

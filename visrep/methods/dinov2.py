@@ -36,10 +36,12 @@ Follows the released code (see ``../shared/reference/methods.md`` section 7), wi
   (``optim.lr_batch_ref: 1024``, ``optim.lr_batch_scaling: sqrt``) scales the whole schedule, so
   ``final_lr`` is scaled too (official: only the peak). "Epochs" of the teacher temperature
   warm-up and the last-layer freeze are ``epoch_length`` iterations (official: 1250).
-* **Large models**: DDP only. FSDP2 (``fully_shard``) is not wired in yet: the engine wraps every
-  method in DDP, and sharding the student (per block, then the heads) plus the EMA teacher needs the
-  engine's help (sharded checkpoints, ``DTensor`` EMA updates); ``model.grad_checkpointing`` trades
-  compute for activation memory on the student's blocks meanwhile (the teacher runs without gradients).
+* **Large models**: ``train.parallel=fsdp`` shards the student with FSDP2 (each backbone block a unit,
+  then the heads, patch embedding and tokens in the root unit; :mod:`visrep.engine.fsdp`); the teacher
+  (no gradients) stays replicated and its EMA update gathers the student one parameter at a time;
+  checkpoints keep DDP's format. ``model.grad_checkpointing`` recomputes the student's blocks in
+  backward and combines with it (the teacher runs without gradients). As the official code, the
+  teacher could be sharded too (then the EMA needs no communication); not done here.
 * **Distillation** (``teacher_checkpoint``): the teacher (backbone and heads) is loaded from a
   visrep DINOv2 checkpoint and frozen; an EMA of the student (``student_ema``) is the model that is
   evaluated and exported (paper section 5; the repository has no distillation code). Masking,

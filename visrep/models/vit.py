@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from visrep.distributed import is_fsdp_module
+
 __all__ = ["ACT_LAYERS", "VisionTransformer", "clip_init_", "sincos_pos_embed_2d", "apply_masks",
            "repeat_interleave_batch",
            "VIT_SIZES", "HEADS_BY_DIM", "attention_backend", "block_tail", "run_blocks", "vit_from_config", "Normalize"]
@@ -157,10 +159,11 @@ def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
 
     Keys and values come from every token, but queries, the output projection and the MLP are
     computed only for tokens ``start:`` (e.g. the predictor's last block, whose context outputs are
-    discarded). Supports timm's ``Block`` (LayerScale, drop-path, optional qk-norm).
+    discarded). Supports timm's ``Block`` (LayerScale, drop-path, optional qk-norm). An FSDP2 unit
+    (``train.parallel=fsdp``) runs its whole forward, whose hooks gather its parameters.
     """
     attn = blk.attn
-    if getattr(attn, "gate", None) is not None:
+    if getattr(attn, "gate", None) is not None or is_fsdp_module(blk):
         return blk(x)[:, start:]
     B, N, _ = x.shape
     h = blk.norm1(x)
