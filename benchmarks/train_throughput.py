@@ -105,6 +105,7 @@ def build_supervised(args, device):
     dim, depth, heads = SIZES[args.size]
     vit = VisionTransformer(img_size=args.img, patch_size=args.patch, in_chans=args.in_chans, embed_dim=dim,
                             depth=depth, num_heads=heads).to(device)
+    vit.grad_checkpointing = getattr(args, "grad_checkpointing", False)
     head = torch.nn.Linear(dim, 10).to(device)
     opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=1e-3)
 
