@@ -148,3 +148,25 @@ def test_wrong_input_shapes_are_named():
     with pytest.raises(ValueError, match="multiple of the patch size 4"):
         vit(torch.zeros(2, 1, 18, 16))
     assert vit(torch.zeros(2, 1, 16, 16)).shape == (2, 16, 32)
+
+
+def test_dinov2_swiglu_ffn_matches_the_reference_formula_and_loads_official_keys():
+    """DINOv2's SwiGLUFFNFused: hidden (int(4d * 2/3) + 7) // 8 * 8, out = w3(silu(x1) * x2), [x1, x2] = w12(x)."""
+    import torch.nn.functional as F
+
+    from visrep.hub import dinov2_vit, vit_from_state_dict
+
+    torch.manual_seed(0)
+    vit = dinov2_vit(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=2, ffn_layer="swiglufused").eval()
+    mlp = vit.blocks[0].mlp
+    hidden = (int(48 * 4 * 2 / 3) + 7) // 8 * 8
+    assert mlp.fc1.weight.shape == (2 * hidden, 48) and mlp.fc2.weight.shape == (48, hidden)
+    x = torch.randn(3, 5, 48)
+    x1, x2 = F.linear(x, mlp.fc1.weight, mlp.fc1.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), F.linear(F.silu(x1) * x2, mlp.fc2.weight, mlp.fc2.bias))
+    official = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v
+                for k, v in vit.state_dict().items()}
+    rebuilt = vit_from_state_dict(official, num_heads=2).eval()
+    assert rebuilt.arch["ffn"] == "swiglu" and rebuilt.arch["mlp_ratio"] == 4.0
+    images = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(rebuilt(images), vit(images))

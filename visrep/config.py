@@ -55,6 +55,7 @@ class ModelConfig:
     patch_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # official I-JEPA: trunc_normal(0.02)
     grad_checkpointing: bool = False  # recompute block activations in backward (encoders and predictors;
                                       # combines with train.parallel=fsdp)
+    ffn: Literal["mlp", "swiglu"] = "mlp"  # swiglu: DINOv2's fused SwiGLU (ViT-L/14, g/14 training configs)
     pixel_permutation: int | None = None  # locality control: a fixed pixel order (this seed) for every image
 
 

@@ -50,7 +50,11 @@ def _depth(state: dict[str, Tensor], prefix: str) -> int:
 
 def vit_from_state_dict(state: dict[str, Tensor], num_heads: int | None = None, img_size: int | None = None,
                         strict: bool = True, **overrides: Any) -> VisionTransformer:
-    """Build our ViT with the architecture a (prefix-free) official state dict implies, and load it."""
+    """Build our ViT with the architecture a (prefix-free) official state dict implies, and load it.
+    DINOv2's SwiGLU FFN (``mlp.w12`` / ``mlp.w3``, ViT-g/14) becomes ``ffn="swiglu"`` (``mlp.fc1`` / ``fc2``)."""
+    swiglu = any(".mlp.w12." in k for k in state)
+    if swiglu:
+        state = {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v for k, v in state.items()}
     w = state["patch_embed.proj.weight"]
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
     class_token = "cls_token" in state
@@ -60,10 +64,14 @@ def vit_from_state_dict(state: dict[str, Tensor], num_heads: int | None = None, 
         if dim not in HEADS_BY_DIM:
             raise ValueError(f"cannot infer num_heads for width {dim}; pass num_heads=")
         num_heads = HEADS_BY_DIM[dim]
-    fc1 = state["blocks.0.mlp.fc1.weight"]
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_ratio = hidden / dim
+    if swiglu:  # the ratio whose SwiGLU rounding gives this width (4 for every official model)
+        mlp_ratio = next(r for r in (4.0, 3 * hidden / (4 * dim), 8 / 3)
+                         if (int(dim * r * 2 / 3) + 7) // 8 * 8 == hidden // 2)
     kwargs = dict(
         img_size=img_size or side * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim,
-        depth=_depth(state, "blocks."), num_heads=num_heads, mlp_ratio=fc1.shape[0] / dim,
+        depth=_depth(state, "blocks."), num_heads=num_heads, mlp_ratio=mlp_ratio, ffn="swiglu" if swiglu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         pos_embed="learned" if class_token else "sincos",
         class_token=class_token,
@@ -86,7 +94,9 @@ def ijepa_vit(**kwargs) -> VisionTransformer:
 
 def dinov2_vit(num_register_tokens: int = 0, init_values: float | None = 1e-5, **kwargs) -> VisionTransformer:
     """Our ViT configured as the official DINOv2 backbone (learned pos, CLS, registers, LayerScale, mask token)."""
-    for k in ("ffn_bias", "proj_bias", "drop_path_uniform", "block_fn", "ffn_layer", "block_chunks"):
+    if str(kwargs.pop("ffn_layer", "mlp")).startswith("swiglu"):  # swiglu / swiglufused: the same FFN
+        kwargs["ffn"] = "swiglu"
+    for k in ("ffn_bias", "proj_bias", "drop_path_uniform", "block_fn", "block_chunks"):
         kwargs.pop(k, None)
     return VisionTransformer(pos_embed="learned", class_token=True, num_registers=num_register_tokens,
                              mask_token=True, init_values=init_values, rescale_init=False, **kwargs)

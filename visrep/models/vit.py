@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, QuickGELU, trunc_normal_
+from timm.layers import GluMlp, PatchEmbed, QuickGELU, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -61,6 +61,17 @@ VIT_SIZES = {
 }
 # head count of each official width (used to rebuild a ViT from a checkpoint's tensor shapes)
 HEADS_BY_DIM = {dim: heads for name, (dim, _, heads) in VIT_SIZES.items() if name != "mini"}
+
+
+def swiglu_ffn(in_features: int, hidden_features: int, act_layer=None, **kwargs) -> GluMlp:
+    """DINOv2's ``SwiGLUFFNFused`` from timm's ``GluMlp``: ``fc2(silu(x1) * x2)`` with ``[x1, x2] = fc1(x)``,
+    hidden width ``(int(2/3 * hidden_features) + 7) // 8 * 8`` (4096 for ViT-g/14 at mlp_ratio 4).
+    Official keys ``mlp.w12`` / ``mlp.w3`` are ours ``mlp.fc1`` / ``mlp.fc2`` (``visrep.hub``)."""
+    hidden = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+    return GluMlp(in_features, hidden_features=2 * hidden, act_layer=nn.SiLU, gate_last=False, **kwargs)
+
+
+FFN_LAYERS = {"mlp": None, "swiglu": swiglu_ffn}  # None: timm's Mlp (fc1 -> act -> fc2)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int | None = None, cls_token: bool = False,
@@ -242,6 +253,7 @@ class VisionTransformer(nn.Module):
         act_layer: str = "gelu",
         patch_bias: bool = True,
         pixel_permutation: int | None = None,
+        ffn: str = "mlp",
     ):
         super().__init__()
         # constructor arguments, enough to rebuild this module (exports, ``visrep.hub.load_exported``)
@@ -252,7 +264,8 @@ class VisionTransformer(nn.Module):
                          init_values=init_values, norm_eps=norm_eps, interpolate_offset=interpolate_offset,
                          interpolate_antialias=interpolate_antialias, register_pos=register_pos,
                          pre_norm=pre_norm, act_layer=act_layer, patch_bias=patch_bias,
-                         interpolate_float32=interpolate_float32, pixel_permutation=pixel_permutation)
+                         interpolate_float32=interpolate_float32, pixel_permutation=pixel_permutation,
+                         ffn=ffn)
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -263,6 +276,8 @@ class VisionTransformer(nn.Module):
         self.num_prefix = int(class_token) + num_registers
         if register_pos and pos_embed != "learned":
             raise ValueError("register_pos=True (position embeddings for registers) needs pos_embed='learned'")
+        if ffn not in FFN_LAYERS:
+            raise ValueError(f"ffn must be one of {sorted(FFN_LAYERS)}, got {ffn!r}")
         if act_layer not in ACT_LAYERS:
             raise ValueError(f"act_layer must be one of {sorted(ACT_LAYERS)}, got {act_layer!r}")
         # prefix tokens that have a row in the position table: [CLS] and (register_pos) the registers
@@ -297,7 +312,8 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, act_layer=ACT_LAYERS[act_layer]) for i in range(depth))
+                  drop_path=dpr[i], norm_layer=norm_layer, act_layer=ACT_LAYERS[act_layer],
+                  **({"mlp_layer": FFN_LAYERS[ffn]} if FFN_LAYERS[ffn] else {})) for i in range(depth))
         self.norm = norm_layer(embed_dim)
         self._init_weights(rescale_init)
         if patch_init == "xavier":
@@ -449,7 +465,7 @@ def vit_from_config(model_cfg, in_chans: int, image_size: int, **overrides) -> V
                   depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio, qkv_bias=mc.qkv_bias,
                   pos_embed=mc.pos_embed, class_token=mc.class_token, num_registers=mc.num_registers,
                   drop_path_rate=mc.drop_path_rate, init_values=mc.init_values, patch_init=mc.patch_init,
-                  pixel_permutation=mc.pixel_permutation)
+                  pixel_permutation=mc.pixel_permutation, ffn=mc.ffn)
     kwargs.update(overrides)
     vit = VisionTransformer(**kwargs)
     vit.grad_checkpointing = mc.grad_checkpointing
