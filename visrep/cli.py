@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot",
-                   help="comma list of knn,linear,lowshot and, for JEPA world models (I-JEPA, StoP, IWM), "
+                   help="comma list of knn,linear,lowshot,finetune (end to end, layer-wise lr decay, beside random "
+                        "init) and, for JEPA world models (I-JEPA, StoP, IWM), "
                         "predictor_ft and mrr (IWM); for vision-language models (CLIP, SigLIP, Llip), "
-                        "zeroshot,retrieval; for generators (diffusion), fid (a domain FID unless "
+                        "zeroshot,retrieval; for PAWS, snn; for generators (diffusion), fid (a domain FID unless "
                         "eval.fid_feature=inception)")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
