@@ -138,3 +138,33 @@ def test_snn_protocol_through_the_runner(tmp_path):
     out, _ = evaluate_checkpoint([result.checkpoint], protocols=["snn"], out_dir=str(tmp_path / "eval"))
     (value,) = out["method_protocols"].values()
     assert 0.0 <= value <= 100.0
+
+
+def test_wide_resnet_28_2_shapes_keys_and_paws_backbone(tmp_path):
+    from visrep.config import load_config
+    from visrep.engine import train
+    from visrep.hub import export_safetensors, load_exported
+    from visrep.methods import build_method
+    from visrep.models.wide_resnet import wide_resnet28_2
+    from visrep.runner import data_info, load_split
+
+    net = wide_resnet28_2()
+    # counted by hand: stem 448 + stages 70,400 + 280,064 + 1,117,184 (convs with biases, 1x1 shortcuts) + final BN 256
+    assert net.embed_dim == 128 and sum(p.numel() for p in net.parameters()) == 1_468_352
+    keys = net.state_dict().keys()
+    for k in ("conv1.weight", "layer1.0.shortcut.0.weight", "layer3.3.conv2.bias", "bn1.running_mean"):
+        assert k in keys, k  # the official suncet key names
+    assert net.bn1.momentum == 0.99
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1, 128)
+    cfg = load_config("visrep/configs/paws/tiny.yaml", ["method.backbone=wrn28_2", f"train.out_dir={tmp_path}",
+                                                        "train.max_steps=2"])
+    ds = load_split(cfg, "train")
+    method = build_method(cfg, data_info(cfg, ds))
+    result = train(cfg, method, ds)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert method.features(ds.tensors()[0][:3]).shape == (3, 128)
+    path = export_safetensors(method.encoder, tmp_path / "wrn.safetensors", metadata={
+        "class": "WideResNet", "arch": method.encoder.arch})
+    rebuilt = load_exported(path)
+    for k, v in method.encoder.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .models import HEADS_BY_DIM, DiT, Predictor, VisionTransformer
 from .models.text import TextTransformer
 from .models.vit import clip_init_
+from .models.wide_resnet import WideResNet
 from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
@@ -26,7 +27,8 @@ __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit",
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
 REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
-                                           "TextTransformer": TextTransformer, "DiT": DiT}
+                                           "TextTransformer": TextTransformer, "DiT": DiT,
+                                           "WideResNet": WideResNet}
 _PREFIXES = ("module.", "backbone.", "teacher.backbone.", "student.backbone.", "_orig_mod.")
 
 
@@ -294,6 +296,7 @@ def load_exported(path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} does not record a rebuildable architecture (metadata 'class'={cls_name!r}); "
                          f"known classes: {', '.join(REBUILDABLE)}; for official checkpoints use load_official")
     state = load_file(str(path))
-    module = REBUILDABLE[cls_name](**arch).to(next(iter(state.values())).dtype)
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)  # BN counters: int64
+    module = REBUILDABLE[cls_name](**arch).to(dtype)
     module.load_state_dict(state, strict=True)
     return module

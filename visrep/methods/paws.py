@@ -42,6 +42,7 @@ from visrep.data.views import PhotometricSpec
 from visrep.losses import paws_loss, smoothed_one_hot, snn
 from visrep.models import Normalize, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
+from visrep.models.wide_resnet import wide_resnet28_2
 from visrep.optim.groups import decay_groups
 
 from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
@@ -51,7 +52,7 @@ from .msn import augmented_views, encode_views, no_decay_msn
 @dataclass
 class PAWSConfig:
     name: Literal["paws"] = "paws"
-    backbone: Literal["vit", "resnet18", "resnet50"] = "vit"   # resnet*: torchvision, pooled output
+    backbone: Literal["vit", "resnet18", "resnet50", "wrn28_2"] = "vit"   # resnet*: torchvision; wrn28_2: CIFAR
     hidden_dim: int = 2048
     output_dim: int = 128
     use_pred_head: bool = False
@@ -115,6 +116,8 @@ class PAWS(Method):
         self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         if m.backbone == "vit":
             self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
+        elif m.backbone == "wrn28_2":  # the official CIFAR-10 backbone
+            self.encoder = wide_resnet28_2(self.data_info.in_chans)
         else:
             self.encoder = TorchvisionResNet(m.backbone, self.data_info.in_chans)
         self.head = ProjectionHead(self.encoder.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")
