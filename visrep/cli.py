@@ -2,7 +2,7 @@
 
     visrep pretrain <method>/<recipe> train.epochs=20 optim.lr=5e-4      (packaged name or YAML path)
     torchrun --nproc-per-node 8 -m visrep pretrain <method>/<recipe> data.root=/data
-    torchrun --nproc-per-node 8 -m visrep pretrain dinov2/imagenet_vit_g14 train.parallel=fsdp  (FSDP2)
+    torchrun --nproc-per-node 8 -m visrep pretrain <method>/<recipe> train.parallel=fsdp        (FSDP2)
     visrep eval runs/<run>/last.pt --protocols knn,linear,lowshot
     visrep export runs/<run>/last.pt encoder.safetensors
     visrep sample runs/<run>/last.pt --n 64 --out grid.png --labels 0,1,2 --guidance 2
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a method from a YAML config")
-    p.add_argument("config", help="YAML path or packaged config name (e.g. ijepa/fashion_mnist_demo)")
+    p.add_argument("config", help="YAML path or packaged config name (<method>/<recipe>, see visrep/configs)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 train.epochs=20")
     p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt exactly")
     p.set_defaults(func=cmd_pretrain)
@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot",
                    help="comma list of knn,linear,lowshot,finetune (end to end, layer-wise lr decay, beside random "
-                        "init) and, for JEPA world models (I-JEPA, StoP, IWM), "
-                        "predictor_ft and mrr (IWM); for vision-language models (CLIP, SigLIP, Llip), "
-                        "zeroshot,retrieval; for PAWS, snn; for generators (diffusion), fid (a domain FID unless "
-                        "eval.fid_feature=inception)")
+                        "init) and the protocols a method answers when it has the capability: predictor_ft, mrr "
+                        "(world models), zeroshot, retrieval (a text tower), snn (labelled supports), fid "
+                        "(generators; a domain FID unless eval.fid_feature=inception); side by side, a method "
+                        "without it is reported n/a")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")
