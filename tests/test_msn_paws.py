@@ -163,8 +163,50 @@ def test_wide_resnet_28_2_shapes_keys_and_paws_backbone(tmp_path):
     result = train(cfg, method, ds)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert method.features(ds.tensors()[0][:3]).shape == (3, 128)
+    # official PAWS init_model builds WRN-28-2 with dropout_rate=0.0 (the class default is 0.3)
+    assert all(m.p == 0.0 for m in method.encoder.modules() if isinstance(m, torch.nn.Dropout))
     path = export_safetensors(method.encoder, tmp_path / "wrn.safetensors", metadata={
         "class": "WideResNet", "arch": method.encoder.arch})
     rebuilt = load_exported(path)
     for k, v in method.encoder.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[k], v), k
+
+
+def test_finetune_subset_labelled_split_file_and_random(tmp_path):
+    from visrep.data.subsets import write_label_split
+    from visrep.runner import _finetune_train_set, load_split
+
+    g = torch.Generator().manual_seed(0)
+    cfg = _cfg("paws", "eval.finetune_subset=labelled", "eval.finetune_samples=7")
+    y = load_split(cfg, "train").tensors()[1]
+    method = build_method(cfg, INFO)
+    x, y2, keep = _finetune_train_set(method, cfg, "finetune", g)
+    assert torch.equal(y2, y) and torch.equal(keep, method.labelled_subset(y))   # the supports' pool
+    split = write_label_split(tmp_path / "split.txt", torch.tensor([3, 1, 4]))
+    cfg_file = _cfg("paws", f"eval.finetune_subset={split}")
+    assert _finetune_train_set(method, cfg_file, "finetune", g)[2].tolist() == [3, 1, 4]
+    assert len(_finetune_train_set(method, _cfg("paws", "eval.finetune_samples=7"), "finetune", g)[2]) == 7
+    bad = write_label_split(tmp_path / "bad.txt", torch.tensor([len(x)]))
+    with pytest.raises(ValueError, match="outside"):
+        _finetune_train_set(method, _cfg("paws", f"eval.finetune_subset={bad}"), "finetune", g)
+    msn_cfg = _cfg("msn", "eval.finetune_subset=labelled")
+    with pytest.raises(ValueError, match="without a labelled subset"):
+        _finetune_train_set(build_method(msn_cfg, INFO), msn_cfg, "finetune", g)
+
+
+def test_paws_finetune_on_its_labelled_subset_through_the_runner(tmp_path):
+    from visrep.engine import train
+    from visrep.optim.groups import layer_decay_groups
+    from visrep.runner import evaluate_checkpoint, load_split
+
+    cfg = _cfg("paws", "train.max_steps=1", f"train.out_dir={tmp_path}")
+    method = build_method(cfg, INFO)
+    result = train(cfg, method, load_split(cfg, "train"))
+    out, _ = evaluate_checkpoint([result.checkpoint], protocols=["finetune"], out_dir=str(tmp_path / "eval"),
+                                 overrides=["eval.finetune_subset=labelled", "eval.finetune_epochs=2"])
+    (value,) = out["method_protocols"].values()
+    assert set(value) == {"pretrained", "random init"} and all(0.0 <= v <= 100.0 for v in value.values())
+    # a ResNet / WRN has no blocks: one lr throughout
+    from visrep.models.wide_resnet import wide_resnet28_2
+    groups = layer_decay_groups(wide_resnet28_2(), 0.75, lr=0.1)
+    assert {g["lr"] for g in groups} == {0.1}

@@ -130,6 +130,9 @@ class EvalConfig:
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
     finetune_layer_decay: float = 0.75  # protocol "finetune": layer-wise lr decay of the encoder
     finetune_baseline: bool = True   # protocol "finetune": also fine-tune the random-init encoder
+    finetune_subset: str | None = None  # finetune / predictor_ft training images: null = finetune_samples
+                                     # random ones; "labelled" = the method's labelled subset (PAWS: the
+                                     # images its supports came from); else a label-split file
     zeroshot_templates: list[str] | None = None  # prompt templates ("a photo of a {}."); null: the dataset's
     retrieval_samples: int = 1000    # test images (with all their captions) used for retrieval
     fid_samples: int = 1000          # FID of generators: this many samples vs this many test images

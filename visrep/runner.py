@@ -250,6 +250,28 @@ def _split_images(cfg: Config, protocol: str, split: str = "test"):
     return ds, images, labels
 
 
+def _finetune_train_set(method: Method, cfg: Config, protocol: str, g: torch.Generator):
+    """Training images, labels and the indices a fine-tuning protocol learns from
+    (``eval.finetune_subset``): ``finetune_samples`` random images, the method's labelled subset
+    (``"labelled"``: PAWS's supports pool, so fine-tuning sees exactly the labels pretraining saw), or
+    the indices of a label-split file."""
+    from visrep.data.subsets import read_label_split
+
+    _, x, y = _split_images(cfg, protocol, "train")
+    subset = cfg.eval.finetune_subset
+    if subset is None:
+        return x, y, torch.randperm(len(x), generator=g)[:cfg.eval.finetune_samples]
+    if subset == "labelled":
+        if not hasattr(method, "labelled_subset"):
+            raise ValueError(f"eval.finetune_subset=labelled: {cfg.method.name} trains without a labelled subset "
+                             "(give a label-split file, or leave it null)")
+        return x, y, method.labelled_subset(y)
+    keep = read_label_split(subset)
+    if len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= len(x)):
+        raise ValueError(f"eval.finetune_subset={subset}: indices outside the {len(x)} training images")
+    return x, y, keep
+
+
 def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict[str, float]:
     capability, what = METHOD_PROTOCOLS[protocol]
     if not _supports(method, capability):
@@ -262,15 +284,13 @@ def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict
     if protocol == "mrr":
         return method.world_model_mrr(images[:e.mrr_samples], n_candidates=e.mrr_candidates, generator=g)
     if protocol == "predictor_ft":
-        _, x, y = _split_images(cfg, protocol, "train")
-        keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
+        x, y, keep = _finetune_train_set(method, cfg, protocol, g)
         return method.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
                                          lr=e.finetune_lr, generator=g)
     if protocol == "finetune":
         from visrep.eval.finetune import finetune_encoder
 
-        _, x, y = _split_images(cfg, protocol, "train")
-        keep = torch.randperm(len(x), generator=g)[:e.finetune_samples]
+        x, y, keep = _finetune_train_set(method, cfg, protocol, g)
         classes = int(max(y.max(), labels.max())) + 1
         nets = {"pretrained": method.finetune_network()}
         if e.finetune_baseline:

@@ -24,11 +24,13 @@ back to each rank's own). Labels are smoothed one-hot rows over the dataset's cl
 on = 1 - eps + off): the official labels matrix has the step's C classes as columns -- the same when
 every class is in every step (the CIFAR-10 and Fashion-MNIST settings).
 
-Backbone: our ViT ([CLS] token after the final norm); the
-official code uses ResNet-50 / WRN-28-2 (not here yet). Projection head ``fc1-bn1-relu1-fc2-bn2-
+Backbone (``method.backbone``): our ViT ([CLS] token after the final norm), torchvision ResNets, or
+the official CIFAR-10 WRN-28-2 (``wrn28_2``, official key names, dropout 0 as ``init_model``). Projection head ``fc1-bn1-relu1-fc2-bn2-
 relu2-fc3`` (official ``init_model``), optional prediction head (ImageNet recipe). Probe features
 (``features``) are the backbone's output (before the heads); the soft nearest-neighbour classifier
 of the paper is :meth:`PAWS.snn_classify` (embeddings after the projection head, cosine, tau).
+Fine-tuning on the very images whose labels pretraining used: ``visrep eval CKPT --protocols finetune
+eval.finetune_subset=labelled`` (:meth:`PAWS.labelled_subset`).
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ class PAWS(Method):
         if m.backbone == "vit":
             self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
         elif m.backbone == "wrn28_2":  # the official CIFAR-10 backbone
-            self.encoder = wide_resnet28_2(self.data_info.in_chans)
+            self.encoder = wide_resnet28_2(self.data_info.in_chans, dropout=0.0)  # official init_model
         else:
             self.encoder = TorchvisionResNet(m.backbone, self.data_info.in_chans)
         self.head = ProjectionHead(self.encoder.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")

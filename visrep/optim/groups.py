@@ -58,8 +58,12 @@ def layer_decay_groups(vit: nn.Module, rate: float, head: nn.Module | None = Non
                        no_decay: Callable[[str, Tensor], bool] = no_decay_default) -> list[dict]:
     """Parameter groups of a ViT (``vit.blocks``) with layer-wise lr decay ``rate`` plus an optional
     ``head`` at full lr, split by weight decay; each group has ``lr_scale`` (and ``lr = lr x lr_scale``
-    when ``lr`` is given, for a plain torch optimizer)."""
-    depth = len(vit.blocks)
+    when ``lr`` is given, for a plain torch optimizer). A network without ``blocks`` (a ResNet) gets
+    one lr throughout."""
+    if not hasattr(vit, "blocks"):
+        rate, depth = 1.0, 0
+    else:
+        depth = len(vit.blocks)
     groups: dict[tuple[float, bool], list[Tensor]] = {}
     named = [(n, p, vit_lr_decay_rate(n, rate, depth)) for n, p in vit.named_parameters()]
     if head is not None:
