@@ -447,7 +447,8 @@ def build_official_paws(args, device):
 
 BUILDERS = {"visrep": build_visrep, "supervised": build_supervised, "official": build_official,
             "stop": lambda args, device: build_visrep(args, device, "stop"), "official-stop": build_official_stop,
-            "msn": build_msn, "official-msn": build_official_msn, "paws": build_paws, "official-paws": build_official_paws}
+            "msn": build_msn, "official-msn": build_official_msn,
+            "paws": build_paws, "official-paws": build_official_paws}
 
 
 def run_variant(args) -> dict:
