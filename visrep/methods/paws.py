@@ -28,7 +28,8 @@ Backbone (``method.backbone``): our ViT ([CLS] token after the final norm), torc
 the official CIFAR-10 WRN-28-2 (``wrn28_2``, official key names, dropout 0 as ``init_model``).
 Projection head ``fc1-bn1-relu1-fc2-bn2-relu2-fc3`` (official ``init_model``), optional prediction
 head (ImageNet recipe). Probe features (``features``) are the backbone's output (before the heads);
-the soft nearest-neighbour classifier of the paper is :meth:`PAWS.snn_classify` (embeddings after the projection head, cosine, tau).
+the soft nearest-neighbour classifier of the paper is :meth:`PAWS.snn_classify` (embeddings after
+the projection head, cosine, tau).
 Fine-tuning on the very images whose labels pretraining used: ``visrep eval CKPT --protocols finetune
 eval.finetune_subset=labelled`` (:meth:`PAWS.labelled_subset`).
 """
