@@ -30,7 +30,7 @@ Projection head ``fc1-bn1-relu1-fc2-bn2-relu2-fc3`` (official ``init_model``), o
 head (ImageNet recipe). Probe features (``features``) are the backbone's output (before the heads);
 the soft nearest-neighbour classifier of the paper is :meth:`PAWS.snn_classify` (embeddings after
 the projection head, cosine, tau).
-Fine-tuning on the very images whose labels pretraining used: ``visrep eval CKPT --protocols finetune
+Fine-tuning on the very images whose labels pretraining used: ``visrep eval CKPT --protocols finetune --set
 eval.finetune_subset=labelled`` (:meth:`PAWS.labelled_subset`).
 """
 from __future__ import annotations
