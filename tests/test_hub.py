@@ -101,8 +101,18 @@ def test_ijepa_training_checkpoint_entries(path, tmp_path):
 def _dinov2_checkpoint(path, state, layout: str) -> None:
     if layout == "plain":  # the released backbones (dinov2_vit*14*_pretrain.pth)
         torch.save(state, path)
-    else:  # the training checkpoint's teacher backbone
+    elif layout == "teacher_backbone":  # a training checkpoint holding only the teacher backbone
         torch.save({"model": {"teacher.backbone." + k: v for k, v in state.items()}, "iteration": 9}, path)
+    elif layout == "training":  # the FSDP checkpointer: student and teacher, backbones and heads
+        head = {"dino_head.last_layer.weight_g": torch.ones(8, 1), "ibot_head.mlp.0.weight": torch.zeros(4, 4)}
+        model = {f"teacher.backbone.{k}": v for k, v in state.items()}
+        model.update({f"student.backbone.{k}": torch.zeros_like(v) for k, v in state.items()})
+        for role in ("student", "teacher"):
+            model.update({f"{role}.{k}": v for k, v in head.items()})
+        torch.save({"model": model, "iteration": 9}, path)
+    else:  # train.py's eval/<iter>/teacher_checkpoint.pth
+        torch.save({"teacher": {**{f"backbone.{k}": v for k, v in state.items()},
+                                "dino_head.mlp.0.weight": torch.zeros(4, 4)}}, path)
 
 
 def _check_dinov2_outputs(fx, model) -> None:
@@ -119,7 +129,7 @@ def _check_dinov2_outputs(fx, model) -> None:
     assert checked >= 6, f"{fx.name}: only {checked} outputs compared"
 
 
-@pytest.mark.parametrize("layout", ["plain", "teacher_backbone"])
+@pytest.mark.parametrize("layout", ["plain", "teacher_backbone", "training", "teacher_checkpoint"])
 @pytest.mark.parametrize("path", fixtures_of_kind("dinov2_vit"))
 def test_official_dinov2_checkpoint_reproduces_outputs(path, layout, tmp_path):
     fx = load_fixture(path)
@@ -131,6 +141,9 @@ def test_official_dinov2_checkpoint_reproduces_outputs(path, layout, tmp_path):
     assert model.num_prefix == 1 + cfg["num_register_tokens"]  # cls + registers
     assert model.patch_size == cfg["patch_size"] and len(model.blocks) == cfg["depth"]
     _check_dinov2_outputs(fx, model)
+    if layout == "training":  # which="encoder": the student's backbone (zeros here), never a mix of both
+        student = load_official(ckpt, which="encoder", num_heads=cfg["num_heads"])
+        assert all(not v.any() for v in student.state_dict().values())
 
     exported = export_safetensors(model, tmp_path / "dinov2.safetensors",
                                   metadata={"model": {"num_heads": cfg["num_heads"]}})

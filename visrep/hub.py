@@ -224,9 +224,24 @@ def llip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _dinov2_backbone(state: dict[str, Tensor], which: str) -> dict[str, Tensor]:
+    """The backbone of a DINOv2 training state: the FSDP checkpointer's ``{student,teacher}.{backbone,
+    dino_head,ibot_head}.*`` keys -> the teacher's (``which="target_encoder"``, the default: the EMA
+    network DINOv2 evaluates) or the student's (``which="encoder"``) ``backbone.*``; a
+    ``teacher_checkpoint.pth`` (``backbone.*`` beside its heads) -> ``backbone.*``. Other states pass."""
+    role = "student" if which == "encoder" else "teacher"
+    if any(k.startswith(f"{role}.backbone.") for k in state):
+        state = {k[len(role) + 1:]: v for k, v in state.items() if k.startswith(f"{role}.")}
+    if any(k.startswith(("dino_head.", "ibot_head.")) for k in state):
+        state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
 def load_official(path: str | os.PathLike, which: str = "target_encoder", num_heads: int | None = None,
                   map_location: str = "cpu") -> nn.Module:
-    """Load an official I-JEPA (``which`` = encoder / target_encoder / predictor) or DINOv2 checkpoint.
+    """Load an official I-JEPA (``which`` = encoder / target_encoder / predictor) or DINOv2 checkpoint
+    (released backbones, training checkpoints: the teacher, or the student with ``which="encoder"``,
+    and ``teacher_checkpoint.pth``).
 
     Accepts ``.pth``/``.pt`` (torch pickles) and ``.safetensors``. Returns our module with the
     weights loaded strictly.
@@ -253,7 +268,9 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
         ckpt = ckpt[which]
     elif isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         ckpt = ckpt["model"]
-    state = strip_prefixes(ckpt)
+    elif isinstance(ckpt, dict) and "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
+        ckpt = ckpt["teacher"]                      # DINOv2's eval/teacher_checkpoint.pth
+    state = strip_prefixes(_dinov2_backbone(ckpt, which))
     if which == "predictor" or "predictor_embed.weight" in state:
         emb = state["predictor_embed.weight"]
         heads = num_heads or HEADS_BY_DIM.get(emb.shape[1])
