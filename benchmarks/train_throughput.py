@@ -220,6 +220,22 @@ def build_official_stop(args, device):
     return step
 
 
+def _contract_step(method, opt, batch: dict):
+    """A method's full step through the contract hooks on a fixed prepared ``batch`` (the engine's
+    order: training_step, backward, before_optimizer_step, optimizer step, after_optimizer_step)."""
+    from visrep.methods import Step
+
+    def step(imgs, labels, masks_enc, masks_pred, i):
+        info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
+        loss = method.training_step(batch, info)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_optimizer_step(info)
+        opt.step()
+        method.after_optimizer_step(info)
+    return step
+
+
 def _msn_views(args, device):
     """MSN inputs shared by both implementations: target and one anchor view at ``--img``,
     ``--focal-views`` focal views at ``--focal-size`` (seeded, so ours and the official see equal data)."""
@@ -243,7 +259,7 @@ def build_msn(args, device):
     import torch
 
     from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from visrep.methods import DataInfo, Step
+    from visrep.methods import DataInfo
     from visrep.methods.msn import MSN, MSNConfig
     from visrep.optim import build_optimizer, resolve_optim_defaults
 
@@ -262,15 +278,7 @@ def build_msn(args, device):
     batch = {"target": target, "anchors": anchor[:, None], "focal": torch.stack(focal, 1),
              "idx_keep": perm.expand(args.batch, -1)}
 
-    def step(imgs, labels, masks_enc, masks_pred, i):
-        info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
-        loss = method.training_step(batch, info)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(info)
-        opt.step()
-        method.after_optimizer_step(info)
-    return step
+    return _contract_step(method, opt, batch)
 
 
 def build_official_msn(args, device):
@@ -280,6 +288,7 @@ def build_official_msn(args, device):
     per-parameter EMA."""
     import copy
     import itertools
+    from functools import partial
 
     import torch
 
@@ -297,7 +306,7 @@ def build_official_msn(args, device):
     dim, depth, heads = SIZES[args.size]
     enc = deit.VisionTransformer(img_size=[args.img], patch_size=args.patch, in_chans=args.in_chans,
                                  embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4, qkv_bias=True,
-                                 norm_layer=__import__("functools").partial(torch.nn.LayerNorm, eps=1e-6))
+                                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
     hid, out = MSN_HEAD["hidden_dim"], MSN_HEAD["output_dim"]
     enc.fc = torch.nn.Sequential(OrderedDict([
         ("fc1", torch.nn.Linear(dim, hid)), ("bn1", torch.nn.BatchNorm1d(hid)), ("gelu1", torch.nn.GELU()),
@@ -365,8 +374,10 @@ def _paws_views(args, device):
 def build_paws(args, device):
     """Our PAWS step (``visrep.methods.paws``, WRN-28-2 as the official CIFAR-10 setting): supports and
     large views in one call, multi-crops in a second, PAWS loss, backward, LARS(SGD)."""
+    import torch
+
     from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-    from visrep.methods import DataInfo, Step
+    from visrep.methods import DataInfo
     from visrep.methods.paws import PAWS, PAWSConfig
     from visrep.optim import build_optimizer, resolve_optim_defaults
 
@@ -379,18 +390,10 @@ def build_paws(args, device):
     info = DataInfo(in_chans=3, image_size=32, num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
     method = PAWS(cfg, info).to(device)
     opt = build_optimizer(method.param_groups(), cfg.optim)
-    batch = {"supports": {"views": __import__("torch").stack(sup, 1), "label": labels},
-             "large": __import__("torch").stack(large, 1), "small": __import__("torch").stack(small, 1)}
+    batch = {"supports": {"views": torch.stack(sup, 1), "label": labels},
+             "large": torch.stack(large, 1), "small": torch.stack(small, 1)}
 
-    def step(imgs, lab, masks_enc, masks_pred, i):
-        info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
-        loss = method.training_step(batch, info)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(info)
-        opt.step()
-        method.after_optimizer_step(info)
-    return step
+    return _contract_step(method, opt, batch)
 
 
 def build_official_paws(args, device):

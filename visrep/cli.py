@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--which", default=None,
-                   help="module to export (default: the method's first, e.g. I-JEPA's target_encoder; "
-                        "I-JEPA also has encoder, predictor)")
+                   help="module to export (default: the first of the method's export_modules(); an unknown "
+                        "name lists the others)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples of a generative checkpoint (diffusion)")

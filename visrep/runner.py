@@ -253,7 +253,7 @@ def _split_images(cfg: Config, protocol: str, split: str = "test"):
 def _finetune_train_set(method: Method, cfg: Config, protocol: str, g: torch.Generator):
     """Training images, labels and the indices a fine-tuning protocol learns from
     (``eval.finetune_subset``): ``finetune_samples`` random images, the method's labelled subset
-    (``"labelled"``: PAWS's supports pool, so fine-tuning sees exactly the labels pretraining saw), or
+    (``"labelled"``: the images whose labels pretraining used, ``method.labelled_subset``), or
     the indices of a label-split file."""
     from visrep.data.subsets import read_label_split
 
