@@ -4,19 +4,31 @@ Every parity test is generic over a fixture directory: ``VISREP_PARITY_DIR`` (de
 ``tests/fixtures/parity``). A fixture is a pair ``<name>.safetensors`` + ``<name>.json``; the JSON
 ``kind`` field says which test reads it, and its ``tolerance`` block gives atol/rtol per key (a
 ``default`` plus glob overrides such as ``out.grad.*``). A new fixture of a known kind needs no new code.
+
+Integrity (checked by ``tests/conftest.py`` in every session that collects parity tests):
+:func:`parity_dir_problems` lists sidecars that do not parse, lack ``kind`` or a ``tensors`` block naming
+exactly the stored keys, or files without their partner; every :class:`Fixture` loaded while a test runs
+is recorded, and a whole-directory run fails on the fixtures no test loaded (:func:`unconsumed_fixtures`).
+A missing directory or a kind with no fixture is a skip locally and a failure under ``CI=true``.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 PARITY_DIR = Path(os.environ.get("VISREP_PARITY_DIR", Path(__file__).resolve().parents[1] / "fixtures" / "parity"))
+
+# Resolved paths of the sidecars loaded through Fixture while a test ran (PYTEST_CURRENT_TEST is set
+# during a test's setup / call / teardown, not during collection). See consumed_fixtures().
+_CONSUMED: set[str] = set()
 
 
 class Fixture:
@@ -26,6 +38,8 @@ class Fixture:
         self.kind = self.meta["kind"]
         self.config = self.meta.get("config", {})
         self.tensors = load_file(str(json_path.with_suffix(".safetensors")))
+        if os.environ.get("PYTEST_CURRENT_TEST"):
+            _CONSUMED.add(str(Path(json_path).resolve()))
 
     def __repr__(self):
         return f"Fixture({self.name})"
@@ -63,10 +77,16 @@ class Fixture:
                                    msg=lambda m: f"{self.name}:{key}: {m}")
 
 
+def unavailable(reason: str):
+    """One pytest param standing for "nothing to test": a skip locally, a failure under ``CI=true``
+    (the ``unavailable`` marker of tests/conftest.py)."""
+    return pytest.param(None, marks=[pytest.mark.unavailable(reason)], id="unavailable")
+
+
 def fixtures_of_kind(*kinds: str) -> list:
     """pytest params for every fixture of the given kind(s) in the parity directory."""
     if not PARITY_DIR.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no parity dir {PARITY_DIR}"))]
+        return [unavailable(f"no parity dir {PARITY_DIR}")]
     paths = []
     for p in sorted(PARITY_DIR.glob("*.json")):
         try:
@@ -76,9 +96,87 @@ def fixtures_of_kind(*kinds: str) -> list:
         if kind in kinds and p.with_suffix(".safetensors").exists():
             paths.append(p)
     if not paths:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fixtures of kind {kinds} in {PARITY_DIR}"))]
+        return [unavailable(f"no fixtures of kind {kinds} in {PARITY_DIR}")]
     return [pytest.param(p, id=p.stem) for p in paths]
 
 
 def load_fixture(path: Path) -> Fixture:
     return Fixture(path)
+
+
+# ----------------------------------------------------------------------------------- integrity
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def fixture_problems(json_path: Path) -> list[str]:
+    """What is wrong with one fixture pair (empty when nothing): the sidecar parses to an object with a
+    string ``kind`` and a ``tensors`` block whose keys are exactly the stored keys (shapes, where given,
+    equal to the stored shapes), and its ``.safetensors`` exists and loads."""
+    name = json_path.name
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{name}: sidecar does not parse ({type(e).__name__}: {e})"]
+    if not isinstance(meta, dict):
+        return [f"{name}: sidecar is a {type(meta).__name__}, not an object"]
+    problems = []
+    if not isinstance(meta.get("kind"), str) or not meta["kind"]:
+        problems.append(f"{name}: no 'kind'")
+    listed = meta.get("tensors")
+    if not isinstance(listed, dict) or not listed:
+        problems.append(f"{name}: no 'tensors' block (every stored key with shape, dtype, meaning)")
+        listed = None
+    st = json_path.with_suffix(".safetensors")
+    if not st.is_file():
+        return problems + [f"{name}: {st.name} is missing"]
+    try:
+        stored = _safetensors_shapes(st)
+    except Exception as e:  # a truncated or foreign file
+        return problems + [f"{st.name}: does not load ({type(e).__name__}: {e})"]
+    if listed is not None:
+        extra, absent = sorted(set(listed) - set(stored)), sorted(set(stored) - set(listed))
+        if extra:
+            problems.append(f"{name}: 'tensors' lists keys not in {st.name}: {', '.join(extra[:8])}"
+                            + (f" (+{len(extra) - 8})" if len(extra) > 8 else ""))
+        if absent:
+            problems.append(f"{name}: 'tensors' does not list stored keys: {', '.join(absent[:8])}"
+                            + (f" (+{len(absent) - 8})" if len(absent) > 8 else ""))
+        for key in sorted(set(listed) & set(stored)):
+            entry = listed[key]
+            if isinstance(entry, dict) and "shape" in entry and list(entry["shape"]) != stored[key]:
+                problems.append(f"{name}: tensors[{key!r}].shape {entry['shape']} != stored {stored[key]}")
+    return problems
+
+
+def parity_dir_problems(directory: Path | None = None) -> list[str]:
+    """Every integrity problem of the fixture directory (empty when none); see :func:`fixture_problems`.
+    A ``.safetensors`` without its sidecar is one too; other files (README.md, ...) are ignored."""
+    directory = PARITY_DIR if directory is None else Path(directory)
+    problems = []
+    for st in sorted(directory.glob("*.safetensors")):
+        if not st.with_suffix(".json").is_file():
+            problems.append(f"{st.name}: no sidecar {st.with_suffix('.json').name}")
+    for js in sorted(directory.glob("*.json")):
+        problems += fixture_problems(js)
+    return problems
+
+
+def consumed_fixtures() -> set[Path]:
+    """Sidecars loaded through :class:`Fixture` while a test ran, by every copy of this module (it is
+    imported both as ``parity_helpers`` and as ``parity.parity_helpers``)."""
+    here = Path(__file__).resolve()
+    out: set[str] = set()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and f.endswith("parity_helpers.py") and Path(f).resolve() == here:
+            out |= getattr(mod, "_CONSUMED", set())
+    return {Path(p) for p in out}
+
+
+def unconsumed_fixtures(directory: Path | None = None) -> list[str]:
+    """Names of the fixtures in the directory that no test loaded in this session."""
+    directory = PARITY_DIR if directory is None else Path(directory)
+    used = consumed_fixtures()
+    return [js.stem for js in sorted(directory.glob("*.json")) if js.resolve() not in used]
