@@ -12,15 +12,19 @@ pixel a token.
         loss = mean over masked tokens of mean_pixels (p - t)^2
         step AdamW (warm-up + cosine lr; betas (0.9, 0.95) in the official recipe)
 
-The decoder is the shared :class:`visrep.models.Predictor` with ``out_dim`` = pixels per patch: it
-embeds the visible tokens, appends a mask token plus position for every masked one and predicts
-only those (the official decoder also predicts the visible patches and then ignores them; its
-loss is the same). Differences from the official code, both ours: the encoder's [CLS] token
-(``model.class_token``) is not passed to the decoder, and patch tokens are kept in index order.
-``norm_pix_loss`` (the official recipe uses it) normalises each target patch by its own mean and
-variance; it is refused where a patch holds a single value (patch size 1 on grey images), which it
-would map to zero. Probe features: the encoder's average-pooled (or [CLS]) final-normed tokens
-(MAE's own linear probe uses the [CLS] token with a BatchNorm before the classifier).
+The decoder is the shared :class:`visrep.models.Predictor` with ``out_dim`` = pixels per patch
+(:meth:`MAE.decode`): it embeds the encoder's prefix tokens ([CLS], as the official decoder does; it
+has no position there, the official table's [CLS] row being zero) and the visible tokens (plus their
+positions), appends a mask token plus position for every masked one and predicts only those (the
+official decoder also predicts the visible patches and then ignores them; its loss is the same).
+The decoder blocks use ``model.mlp_ratio``, as the official ones. Kept tokens are in index order
+(official: noise order; attention does not depend on the order). ``norm_pix_loss`` (the official
+recipe uses it) normalises each target patch by its own mean and unbiased variance; it is refused
+where a patch holds a single value (patch size 1 on grey images), which it would map to zero.
+Weight decay as ``main_pretrain.py`` (timm's ``add_weight_decay``): every parameter except 1-D
+tensors and biases, so [CLS] and mask tokens are decayed; a learned position table (pixel tokens,
+ours) is not. Probe features: the encoder's average-pooled (or [CLS]) final-normed tokens (MAE's own
+linear probe uses the [CLS] token with a BatchNorm before the classifier).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.models import Normalize, Predictor, apply_masks, vit_from_config
+from visrep.models.vit import attention_backend, block_tail, run_blocks
 from visrep.optim.groups import decay_groups
 
 from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
@@ -69,10 +74,22 @@ def random_masking(batch: int, num_tokens: int, mask_ratio: float, generator: to
                    device=None) -> tuple[Tensor, Tensor]:
     """Indices of the kept and of the masked tokens, ``[B, K]`` and ``[B, N - K]`` (each sorted),
     ``K = int(N (1 - mask_ratio))`` as the official code; a uniformly random subset per sample."""
-    keep = max(1, int(num_tokens * (1 - mask_ratio)))
-    order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)
-    kept, masked = order[:, :keep].sort(dim=1).values, order[:, keep:].sort(dim=1).values
+    kept, masked = masking_from_noise(torch.rand(batch, num_tokens, generator=generator), mask_ratio)
     return kept.to(device), masked.to(device)
+
+
+def masking_from_noise(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
+    """The official ``random_masking`` given its uniform ``noise`` [B, N]: the ``K = int(N (1 - mask_ratio))``
+    tokens of smallest noise are kept; returns (kept, masked) indices, each sorted."""
+    keep = max(1, int(noise.size(1) * (1 - mask_ratio)))
+    order = noise.argsort(dim=1)
+    return order[:, :keep].sort(dim=1).values, order[:, keep:].sort(dim=1).values
+
+
+def mae_no_decay(name: str, p: Tensor) -> bool:
+    """MAE pretraining's weight-decay exclusion (timm ``add_weight_decay``): 1-D tensors and biases; a learned
+    position table (pixel tokens, no official counterpart) is excluded too."""
+    return p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name
 
 
 def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool = False, eps: float = 1e-6) -> Tensor:
@@ -81,7 +98,8 @@ def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool = False, eps: float = 
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + eps).sqrt()
-    return (pred.float() - target.float()).pow(2).mean()
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # low precision (autocast) -> float32, float64 stays
+    return (pred.to(dtype) - target.to(dtype)).pow(2).mean()
 
 
 class MAE(Method):
@@ -115,7 +133,7 @@ class MAE(Method):
         self.encoder = vit_from_config(mc, chans, self.image_size)
         self.decoder = Predictor(num_patches=self.encoder.grid, embed_dim=mc.embed_dim,
                                  predictor_embed_dim=m.decoder_dim, depth=m.decoder_depth,
-                                 num_heads=m.decoder_heads, mlp_ratio=4.0, rescale_init=False,
+                                 num_heads=m.decoder_heads, mlp_ratio=mc.mlp_ratio, rescale_init=False,
                                  out_dim=mc.patch_size ** 2 * chans, pos_embed=mc.pos_embed)
         self.decoder.grad_checkpointing = self.encoder.grad_checkpointing
 
@@ -143,18 +161,32 @@ class MAE(Method):
             images = self.encoder.permute_pixels(images)
         return apply_masks(patchify(images, self.patch_size), masked)
 
+    def decode(self, z: Tensor, keep: Tensor, masked: Tensor) -> Tensor:
+        """Predicted pixels ``[B, M, P]`` of the ``masked`` tokens from the encoder output ``z`` [B, prefix + K, D]
+        (prefix tokens first, then the ``keep`` tokens): the official decoder's sequence ([CLS], visible tokens
+        with positions, a mask token with position per masked token), outputs read at the masked tokens only."""
+        d, n_prefix = self.decoder, self.encoder.num_prefix
+        pos = d.predictor_pos_embed[0]
+        x = d.predictor_embed(z)
+        x = torch.cat([x[:, :n_prefix], x[:, n_prefix:] + apply_masks(pos, keep)], dim=1)
+        queries = d.mask_token.to(x.dtype) + apply_masks(pos, masked)
+        x = torch.cat([x, queries], dim=1)
+        with attention_backend(x):
+            x = run_blocks(d.predictor_blocks[:-1], x, d.grad_checkpointing)
+            x = block_tail(d.predictor_blocks[-1], x, x.size(1) - queries.size(1))
+        return d.predictor_proj(d.predictor_norm(x))
+
     def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
         device = self.normalize.mean.device
         images = batch["image"].to(device, non_blocking=True)
         if images.dtype == torch.uint8:
             images = self.normalize(images)
         keep, masked = batch["keep"].to(device), batch["masked"].to(device)
-        z = self.encoder(images, idx_keep=keep)[:, self.encoder.num_prefix:]
-        pred = self.decoder(z, keep, masked)
+        pred = self.decode(self.encoder(images, idx_keep=keep), keep, masked)
         return {"loss": mae_loss(pred, self.targets(images, masked), self.cfg.norm_pix_loss)}
 
     def param_groups(self) -> list[dict]:
-        return decay_groups(self.encoder, self.decoder)
+        return decay_groups(self.encoder, self.decoder, no_decay=mae_no_decay)
 
     # -- evaluation and export -------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +203,7 @@ class MAE(Method):
                                       generator, device=x.device)
         target = patchify(self.encoder.permute_pixels(x) if self.encoder.pixel_permutation is not None else x,
                           self.patch_size)
-        pred = self.decoder(self.encoder(x, idx_keep=keep)[:, self.encoder.num_prefix:], keep, masked)
+        pred = self.decode(self.encoder(x, idx_keep=keep), keep, masked)
         out, flag = target.clone(), torch.zeros_like(target[..., :1])
         out.scatter_(1, masked[..., None].expand(-1, -1, out.size(-1)), pred.to(out.dtype))
         flag.scatter_(1, masked[..., None], 1.0)
