@@ -26,8 +26,8 @@ FIRST, STEPS, N = 20, 300, 400
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @needs_fmnist
+@pytest.mark.requires("diffusers")
 def test_dit_lowers_domain_fid_below_its_first_checkpoint(tmp_path, monkeypatch):
-    pytest.importorskip("diffusers")
     from visrep.config import load_config
     from visrep.data.transforms import batch_resize_center_crop
     from visrep.eval.fid import domain_feature_net, fid_protocol
