@@ -18,7 +18,8 @@ PMSN: Assran et al., "The Hidden Uniform Cluster Prior in Self-Supervised Learni
 ``snn(z, P) = softmax(cos(z, P) / tau)``; P are free parameters normalised only inside the loss.
 Representation = [CLS] after the final LayerNorm, then the projection head; each run of views of
 one size goes through encoder and head in one batched call (BN statistics per run, as the official
-``deit.forward``). The target encoder stays in train mode (BN uses target-batch statistics).
+``deit.forward``). The target encoder stays in train mode (BN uses target-batch statistics) and keeps
+its own BN running statistics: the EMA covers parameters only (official ``train_step``).
 
 Follows the released code (``configs/pretrain/msn_vits16.yaml``): T = 0.25 sharpening (linear
 schedule ``method.sharpen``), 3 Sinkhorn iterations on the targets, ME-MAX = ``sum pbar log pbar +
@@ -255,8 +256,13 @@ class MSN(Method):
     def after_optimizer_step(self, step: Step) -> None:
         m0, m1 = self.cfg.ema
         momentum = min(m1, linear_momentum(step.step, max(1, step.total_steps), m0, m1))
+        # official: the EMA runs over parameters only; the target's BN statistics are its own (updated
+        # by its train-mode forward on the target view), so keep them instead of ema_update_'s copy
+        own = [(b, b.clone()) for b in (*self.target_encoder.buffers(), *self.target_head.buffers())]
         ema_update_(self.target_encoder, self.encoder, momentum)
         ema_update_(self.target_head, self.head, momentum)
+        for b, value in own:
+            b.copy_(value)
 
     def param_groups(self) -> list[dict]:
         groups = decay_groups(self.encoder, self.head, no_decay=no_decay_msn)
