@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/jepa-family")
     ap.add_argument("--protocols", default="knn,linear,lowshot,mrr,predictor_ft")
     ap.add_argument("--skip-existing", action="store_true", help="reuse finished checkpoints in --out")
-    ap.add_argument("--set", nargs="*", default=[], help="overrides for every variant (e.g. eval.mrr_samples=500)")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides for every variant (e.g. method.mrr_samples=500)")
     args = ap.parse_args(argv)
     checkpoints, timing = [], []
     for name in args.variants.split(","):

@@ -199,3 +199,37 @@ def test_features_shape(trained):
     assert type(baseline) is type(method) and not baseline.training
     assert baseline.features(images).shape == feats.shape
     assert method.feature_description
+
+
+def test_a_method_declares_its_own_protocol_and_the_runner_finds_it(tmp_path):
+    """The toy's ``agreement`` protocol (declared in tests/toy_method.py only, its setting in its own
+    config section) runs through ``visrep eval`` like any generic one, and equals the same number
+    computed here from the reloaded checkpoint; asking for a protocol the method does not answer
+    names the ones it does."""
+    import torch.nn.functional as F
+
+    from visrep.cli import main
+    from visrep.data.splits import eval_images, uint8_eval_transform
+    from visrep.engine import train
+    from visrep.runner import evaluate_checkpoint, known_protocols, load_trained
+
+    cfg = tiny_config("toy", tmp_path / "run", "train.max_steps=3", "method.agreement_samples=20")
+    method, ds = build(cfg)
+    ckpt = train(cfg, method, ds).checkpoint
+    results, _ = evaluate_checkpoint([ckpt], protocols=["agreement"], out_dir=str(tmp_path / "eval"))
+    (key, value), = results["method_protocols"].items()
+    assert key.startswith("agreement/")
+
+    _, again, _ = load_trained(ckpt)
+    images, _ = eval_images(load_split(cfg, "test", transform=uint8_eval_transform(cfg.data.image_size)),
+                            cfg.data.image_size)
+    x = again.normalize(images[:20])
+    with torch.no_grad():
+        expected = F.cosine_similarity(again.target(x), again.encoder(x)).mean().item()
+    assert value == pytest.approx(expected, abs=1e-6)
+    assert expected < 0.9999  # three EMA steps: target and encoder differ, so the check has teeth
+
+    assert "agreement" in known_protocols()
+    assert main(["eval", "--list-protocols"]) == 0
+    with pytest.raises(ValueError, match="agreement"):  # names what the toy does answer
+        evaluate_checkpoint([ckpt], protocols=["mrr"], out_dir=str(tmp_path / "eval2"))

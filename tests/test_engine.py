@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrep.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
-from visrep.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from visrep.engine.trainer import NonFiniteLossError, ResumeError, Trainer, train
 from visrep.methods.base import DataInfo, Method, Step, decay_groups
 from visrep.optim import (

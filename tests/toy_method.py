@@ -2,7 +2,8 @@
 
 An MLP classifier with what real methods have: per-step noise from the step generator, an EMA
 target, a batch-statistic term through ``visrep.distributed.all_reduce`` (so 2 processes must
-equal 1), a head with its own lr / wd scale and a frozen-at-start group, and a before-step hook.
+equal 1), a head with its own lr / wd scale and a frozen-at-start group, a before-step hook, and an
+evaluation protocol of its own (``agreement``), which the runner and the CLI find through the contract.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep import distributed as D
+from visrep.eval.protocols import Protocol
 from visrep.methods import METHODS, DataInfo, Method, MethodEntry, Step, StreamSpec
 from visrep.methods.base import Export, module_metadata
 from visrep.models import Normalize
@@ -27,6 +29,7 @@ class ToyConfig:
     center_weight: float = 0.1
     freeze_head_steps: int = 1
     supports_per_class: int = 0        # > 0: a class-balanced "supports" stream (as PAWS)
+    agreement_samples: int = 32        # protocol "agreement": test images it reads
 
 
 class Encoder(nn.Module):
@@ -45,7 +48,7 @@ class ToyMethod(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
+        from visrep.errors import ConfigError
 
         if cfg.method.hidden < 1:
             raise ConfigError(f"method.hidden={cfg.method.hidden} must be >= 1")
@@ -111,6 +114,18 @@ class ToyMethod(Method):
 
     def export_modules(self) -> dict[str, Export]:
         return {"target": Export(self.target, module_metadata(self.target))}
+
+    # -- an evaluation of its own: declared here, run by ``visrep eval --protocols agreement`` -------
+    @classmethod
+    def protocols(cls) -> dict[str, Protocol]:
+        return {"agreement": Protocol("mean cosine of the EMA target and the online encoder on test images",
+                                      cls.agreement)}
+
+    @torch.no_grad()
+    def agreement(self, ctx) -> float:
+        images = ctx.split("test")[1][:self.cfg.agreement_samples].to(ctx.device)
+        x = self.normalize(images)
+        return F.cosine_similarity(self.target(x), self.encoder(x)).mean().item()
 
 
 def register_toy() -> None:

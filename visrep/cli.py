@@ -26,8 +26,14 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from visrep.runner import evaluate_checkpoint
+    from visrep.runner import evaluate_checkpoint, known_protocols
 
+    if args.list_protocols:
+        for name, about in known_protocols().items():
+            print(f"{name:14s} {about}")
+        return 0
+    if not args.checkpoints:
+        raise SystemExit("visrep eval: give one or more checkpoints (or --list-protocols)")
     evaluate_checkpoint(args.checkpoints, protocols=args.protocols.split(","), out_dir=args.out,
                         data_root=args.data_root, include_raw=args.raw_pixels, overrides=args.overrides)
     return 0
@@ -81,13 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
-    p.add_argument("checkpoints", nargs="+", help="one or more checkpoints (compared side by side)")
+    p.add_argument("checkpoints", nargs="*", help="one or more checkpoints (compared side by side)")
     p.add_argument("--protocols", default="knn,linear,lowshot",
-                   help="comma list of knn,linear,lowshot,finetune (end to end, layer-wise lr decay, beside random "
-                        "init) and the protocols a method answers when it has the capability: predictor_ft, mrr "
-                        "(world models), zeroshot, retrieval (a text tower), snn (labelled supports), fid "
-                        "(generators; a domain FID unless eval.fid_feature=inception); side by side, a method "
-                        "without it is reported n/a")
+                   help="comma list: the frozen-feature protocols knn, linear, lowshot, and any protocol the "
+                        "method answers (`visrep eval --list-protocols` lists them all with what they measure); "
+                        "side by side, a method that does not answer one is reported n/a")
+    p.add_argument("--list-protocols", action="store_true", help="list every protocol and exit")
     p.add_argument("--out", default=None,
                    help="folder for results.md / results.json (default: next to the first checkpoint)")
     p.add_argument("--data-root", default=None, help="dataset folder (overrides data.root)")

@@ -16,9 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key and the allowed values."""
+from visrep.errors import ConfigError  # noqa: F401 -- re-exported: `from visrep.config import ConfigError`
+from visrep.registry import METHODS
 
 
 @dataclass
@@ -123,8 +122,6 @@ class EvalConfig:
     lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     lowshot_fraction: float = 0.01
     lowshot_seeds: int = 3
-    mrr_candidates: int = 16         # world-model MRR: transformed versions per image (paper: 256)
-    mrr_samples: int = 1000          # test images used for the MRR
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
@@ -160,8 +157,6 @@ class Config:
 
 def method_config_classes() -> dict[str, type]:
     """method name -> its config dataclass (imported lazily so configs load fast)."""
-    from visrep.methods import METHODS
-
     return {name: entry.config_class() for name, entry in METHODS.items()}
 
 
@@ -287,8 +282,28 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+# keys that moved from a shared section into the method's own (a protocol's settings live with its
+# method): old -> new, applied to configs saved by earlier versions (checkpoints) and old recipes
+MOVED_KEYS = {"eval.mrr_candidates": "method.mrr_candidates", "eval.mrr_samples": "method.mrr_samples"}
+
+
+def _migrate(tree: dict) -> dict:
+    """Move the keys of :data:`MOVED_KEYS` (dropped where the run's method has no such setting)."""
+    mcls = method_config_classes().get((tree.get("method") or {}).get("name"))
+    mfields = {f.name for f in dataclasses.fields(mcls)} if mcls else set()
+    for old, new in MOVED_KEYS.items():
+        (osec, okey), nkey = old.split("."), new.split(".")[1]
+        section = dict(tree.get(osec) or {})
+        if okey in section:
+            value = section.pop(okey)
+            tree[osec] = section
+            if nkey in mfields:
+                tree["method"] = {nkey: value, **(tree.get("method") or {})}
+    return tree
+
+
 def build_config(tree: dict) -> Config:
-    tree = dict(tree)
+    tree = _migrate(dict(tree))
     sections = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(tree) - sections)
     if unknown:
@@ -306,8 +321,6 @@ def build_config(tree: dict) -> Config:
 
     kwargs["optim"] = resolve_optim_defaults(kwargs["optim"])
     cfg = Config(**kwargs)
-    from visrep.methods import METHODS
-
     METHODS[name].method_class().validate(cfg)  # reject a bad config before any data is read
     return cfg
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from visrep.data.subsets import read_file_list, write_file_list
 
 __all__ = ["CurationResult", "curate_embeddings", "curate", "curate_checkpoint", "deduplicate", "balanced_sample",
            "write_file_list", "read_file_list"]
@@ -177,34 +178,12 @@ def curate(encoder_fn: Callable[[Tensor], Tensor], images, *, batch_size: int = 
     return curate_embeddings(emb, seeds=seeds, **kwargs)
 
 
-def write_file_list(path: str | Path, indices, names: list[str] | None = None) -> Path:
-    """One entry per line: the dataset index, or ``names[index]`` (file paths) when given."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [str(names[i]) if names is not None else str(int(i)) for i in indices]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def read_file_list(path: str | Path, names: list[str] | None = None) -> list[int]:
-    """Dataset indices of a file list (integers, or paths looked up in ``names``)."""
-    entries = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if all(e.lstrip("-").isdigit() for e in entries):
-        return [int(e) for e in entries]
-    if names is None:
-        raise ValueError(f"{path} lists file paths but the dataset has no file names to match them")
-    where = {str(n): i for i, n in enumerate(names)}
-    missing = [e for e in entries if e not in where]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} entries are not in the dataset, e.g. {missing[0]!r}")
-    return [where[e] for e in entries]
-
-
 def curate_checkpoint(checkpoint: str, out: str, *, overrides=(), seeds_file: str | None = None,
                       progress: bool = True, **kwargs) -> CurationResult:
     """``visrep curate``: embed the training split of a checkpoint's config with its method's
     ``features`` (``checkpoint="raw"`` with ``--set data.name=...``: raw pixels), curate, write the list."""
-    from visrep.runner import eval_images, load_split, load_trained, raw_pixel_features, uint8_eval_transform
+    from visrep.data.splits import eval_images, load_split, uint8_eval_transform
+    from visrep.runner import load_trained, raw_pixel_features
 
     overrides = ["data.subset_file=null", *overrides]  # indices refer to the whole training split
     if checkpoint == "raw":

@@ -13,71 +13,13 @@ from pathlib import Path
 import torch
 
 from visrep.config import DEMO_RECIPE, Config, build_config, load_config, resolve_config
-from visrep.data import build_dataset
-from visrep.data.datasets import Forwarding
+from visrep.data import in_memory
+from visrep.data.splits import eval_images, in_memory_split, load_split, uint8_eval_transform
 from visrep.data.transforms import dataset_stats
-from visrep.methods import DataInfo, Method, build_method
+from visrep.eval import protocols as P
+from visrep.methods import METHODS, DataInfo, Method, build_method
 
 DEMO_CONFIG = resolve_config(DEMO_RECIPE)
-
-
-# -- data --------------------------------------------------------------------------------------------
-def load_split(cfg: Config, split: str, transform=None):
-    kw = {"image_size": cfg.data.image_size} if cfg.data.name == "procedural" else {}  # generated at any size
-    ds = build_dataset(cfg.data.name, split, root=cfg.data.root, download=cfg.data.download, transform=transform, **kw)
-    if split == "train" and getattr(cfg.data, "subset_file", None):  # a curated file list (visrep curate)
-        from visrep.curate import read_file_list
-
-        names = [str(s[0]) for s in ds.samples] if hasattr(ds, "samples") else None
-        ds = _subset(ds, read_file_list(cfg.data.subset_file, names))
-    if split == "train" and cfg.data.train_subset:
-        ds = _subset(ds, cfg.data.train_subset)
-    if split == "train" and cfg.data.long_tail_ratio:
-        from visrep.data.subsets import long_tailed_indices
-
-        if not hasattr(ds, "tensors"):
-            raise ValueError("data.long_tail_ratio needs an in-memory dataset (fashion_mnist, cifar10, procedural)")
-        idx = long_tailed_indices(ds.tensors()[1], cfg.data.long_tail_ratio, seed=cfg.train.seed,
-                                  profile=cfg.data.long_tail_profile)
-        ds = _subset(ds, idx.tolist())
-    if cfg.data.caption_templates:
-        from visrep.data.captions import TemplateCaptions
-
-        ds = TemplateCaptions(ds, cfg.data.caption_templates)
-    return ds
-
-
-def _subset(ds, n: int | list[int]):
-    """The first ``n`` items of ``ds``, or the items at the listed indices."""
-    from visrep.data.datasets import TensorImageDataset
-
-    if hasattr(ds, "tensors"):
-        images, labels = ds.tensors()
-        idx = slice(0, n) if isinstance(n, int) else torch.as_tensor(n, dtype=torch.long)
-        sub = TensorImageDataset(images[idx], labels[idx], transform=getattr(ds, "transform", None))
-        for attr in ("num_classes", "classes"):
-            if hasattr(ds, attr):
-                setattr(sub, attr, getattr(ds, attr))
-        return sub
-    return _FirstN(ds, n)
-
-
-class _FirstN(Forwarding, torch.utils.data.Subset):
-    """The first ``n`` items (or the listed items) of a file dataset; forwards what the dataset tells
-    (classes, channels, transform), selects ``targets`` and maps ``captions(i)`` through the indices."""
-
-    forwarded = ("num_classes", "classes", "in_chans", "transform")
-
-    def __init__(self, ds, n: int | list[int]):
-        super().__init__(ds, range(min(n, len(ds))) if isinstance(n, int) else list(n))
-        if hasattr(ds, "targets"):
-            targets = list(ds.targets)
-            self.targets = [targets[i] for i in self.indices]
-
-    def __getattr__(self, name):
-        if name == "captions" and hasattr(self.__dict__.get("dataset"), "captions"):
-            return lambda i: self.dataset.captions(self.indices[i])
-        return super().__getattr__(name)
 
 
 def data_info(cfg: Config, ds) -> DataInfo:
@@ -89,31 +31,10 @@ def data_info(cfg: Config, ds) -> DataInfo:
                     mean=tuple(mean), std=tuple(std), classes=tuple(classes) if classes else None)
 
 
-def eval_images(ds, image_size: int):
-    """What feature extraction iterates: ``(uint8 images, labels)`` for in-memory datasets, else the
-    dataset itself with a resize + centre-crop transform that yields uint8 images."""
-    from visrep.data.transforms import batch_resize_center_crop
-
-    if hasattr(ds, "tensors"):
-        images, labels = ds.tensors()
-        if images.shape[-1] != image_size or images.shape[-2] != image_size:
-            images = (batch_resize_center_crop(images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
-        return images, labels
-    return ds, None
-
-
-def uint8_eval_transform(image_size: int):
-    """Resize + centre crop to uint8 (methods normalise inside ``features``)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-
-
 # -- pretrain ----------------------------------------------------------------------------------------
 def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bool = False):
     """Pretrain ``cfg.method`` on ``cfg.data``; returns (method, TrainResult)."""
     from visrep.engine import train
-    from visrep.methods import METHODS
 
     METHODS[cfg.method.name].method_class().validate(cfg)  # (load_config did too) before any data is read
     train_ds = load_split(cfg, "train")
@@ -125,7 +46,7 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
             eval_ds = None
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
-    if not (cfg.data.in_memory and hasattr(train_ds, "tensors")):  # file datasets: per-sample transform
+    if not (cfg.data.in_memory and in_memory(train_ds)):  # file datasets: per-sample transform
         train_ds.transform = method.sample_transform() or uint8_eval_transform(cfg.data.image_size)
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
@@ -134,8 +55,8 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
 
 def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, Method, dict]:
     """Rebuild the method saved in a training checkpoint, weights loaded."""
+    from visrep.checkpoint import CheckpointError, load_checkpoint
     from visrep.config import _set_dotted, parse_overrides
-    from visrep.engine.checkpoint import CheckpointError, load_checkpoint
 
     state = load_checkpoint(path)
     tree = copy.deepcopy(state["config"])
@@ -185,8 +106,10 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
 def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn", "linear", "lowshot"),
                         out_dir: str | None = None, data_root: str | None = None, include_raw: bool = False,
                         overrides: Sequence[str] = ()):
-    method_protocols = [p for p in protocols if p in METHOD_PROTOCOLS]
-    protocols = [p for p in protocols if p not in METHOD_PROTOCOLS]
+    """Evaluate checkpoints side by side: the feature protocols (k-NN, linear, low-shot) in one table,
+    every other protocol (:mod:`visrep.eval.protocols`) as a note per checkpoint."""
+    method_protocols = [p for p in protocols if p not in P.FEATURE_PROTOCOLS]
+    protocols = [p for p in protocols if p in P.FEATURE_PROTOCOLS]
     overrides = list(overrides) + [f"eval.protocols=[{','.join(protocols)}]"]  # [] when only method protocols
     if data_root:
         overrides.append(f"data.root={data_root}")
@@ -197,13 +120,13 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
         name = Path(p).parent.name + f"@{state['step']}"
         fns[name] = method.features
         notes.append(f"{name}: {method.feature_description}")
+        answers = P.available(method)
         for protocol in method_protocols:
-            capability, what = METHOD_PROTOCOLS[protocol]
-            if len(paths) > 1 and not _supports(method, capability):  # side by side: say n/a, don't fail
-                notes.append(f"{name}: {what}: n/a ({c.method.name} has no {capability}())")
+            if len(paths) > 1 and protocol not in answers:  # side by side: say n/a, don't fail
+                notes.append(f"{name}: {P.describe(protocol, [type(method)])}: n/a ({c.method.name})")
                 continue
-            extra[(protocol, name)] = _method_protocol(protocol, method, c)
-            notes.append(f"{name}: {what}: {_format_protocol(extra[(protocol, name)])}")
+            extra[(protocol, name)] = P.run(protocol, method, eval_context(c))
+            notes.append(f"{name}: {answers[protocol].about}: {P.format_result(extra[(protocol, name)])}")
     if include_raw:
         fns["raw pixels"] = raw_pixel_features
     out_dir = out_dir or str(Path(paths[0]).parent / "eval")
@@ -216,116 +139,28 @@ def evaluate_checkpoint(paths: Sequence[str], protocols: Sequence[str] = ("knn",
     return evaluate_feature_sets(fns, cfg, out_dir, title="evaluation", notes=notes)
 
 
-# protocols a method answers itself: name -> (capability, what the number is)
-METHOD_PROTOCOLS = {
-    "mrr": ("world_model_mrr", "world-model MRR"),
-    "predictor_ft": ("predictor_finetune", "top-1 with the encoder frozen, predictor + attentive head fine-tuned"),
-    "zeroshot": ("encode_text", "zero-shot classification (%)"),
-    "retrieval": ("encode_text", "image-text retrieval recall (%)"),
-    "finetune": ("finetune_network", "top-1 (%) after fine-tuning the encoder end to end (layer-wise lr decay)"),
-    "snn": ("snn_accuracy", "soft nearest-neighbour top-1 % over the labelled subset"),
-    "fid": ("sample", "FID of eval.fid_samples samples vs as many test images (a domain FID unless "
-                      "eval.fid_feature=inception)"),
-}
+def eval_context(cfg: Config) -> P.EvalContext:
+    """The splits (loaded once each), device and seeded generator a protocol runs with."""
+    cache: dict = {}
+
+    def split(name: str):
+        if name not in cache:
+            cache[name] = in_memory_split(cfg, name, f"evaluation on the {name} split")
+        return cache[name]
+
+    return P.EvalContext(cfg=cfg, split=split, device="cuda" if torch.cuda.is_available() else "cpu",
+                         generator=torch.Generator().manual_seed(cfg.train.seed))
 
 
-def _format_protocol(value: float | dict[str, float]) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v:.2f}" for k, v in value.items())
-    return f"{value:.3f}"
-
-
-def _supports(method: Method, capability: str) -> bool:
-    # the base class's optional hooks (sample, encode_text) exist everywhere: ask whether they are implemented
-    if capability in Method.OPTIONAL_CAPABILITIES:
-        return method.can(capability)
-    return hasattr(method, capability)
-
-
-def _split_images(cfg: Config, protocol: str, split: str = "test"):
-    ds = load_split(cfg, split, transform=uint8_eval_transform(cfg.data.image_size))
-    images, labels = eval_images(ds, cfg.data.image_size)
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"protocol {protocol!r} needs an in-memory {split} set")
-    return ds, images, labels
-
-
-def _finetune_train_set(method: Method, cfg: Config, protocol: str, g: torch.Generator):
-    """Training images, labels and the indices a fine-tuning protocol learns from
-    (``eval.finetune_subset``): ``finetune_samples`` random images, the method's labelled subset
-    (``"labelled"``: the images whose labels pretraining used, ``method.labelled_subset``), or
-    the indices of a label-split file."""
-    from visrep.data.subsets import read_label_split
-
-    _, x, y = _split_images(cfg, protocol, "train")
-    subset = cfg.eval.finetune_subset
-    if subset is None:
-        return x, y, torch.randperm(len(x), generator=g)[:cfg.eval.finetune_samples]
-    if subset == "labelled":
-        if not hasattr(method, "labelled_subset"):
-            raise ValueError(f"eval.finetune_subset=labelled: {cfg.method.name} trains without a labelled subset "
-                             "(give a label-split file, or leave it null)")
-        return x, y, method.labelled_subset(y)
-    keep = read_label_split(subset)
-    if len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= len(x)):
-        raise ValueError(f"eval.finetune_subset={subset}: indices outside the {len(x)} training images")
-    return x, y, keep
-
-
-def _method_protocol(protocol: str, method: Method, cfg: Config) -> float | dict[str, float]:
-    capability, what = METHOD_PROTOCOLS[protocol]
-    if not _supports(method, capability):
-        raise ValueError(f"protocol {protocol!r} ({what}) needs a method with {capability}(); "
-                         f"{cfg.method.name} has none")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    method.to(device)
-    e, g = cfg.eval, torch.Generator().manual_seed(cfg.train.seed)
-    ds, images, labels = _split_images(cfg, protocol)
-    if protocol == "mrr":
-        return method.world_model_mrr(images[:e.mrr_samples], n_candidates=e.mrr_candidates, generator=g)
-    if protocol == "predictor_ft":
-        x, y, keep = _finetune_train_set(method, cfg, protocol, g)
-        return method.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
-                                         lr=e.finetune_lr, generator=g)
-    if protocol == "finetune":
-        from visrep.eval.finetune import finetune_encoder
-
-        x, y, keep = _finetune_train_set(method, cfg, protocol, g)
-        classes = int(max(y.max(), labels.max())) + 1
-        nets = {"pretrained": method.finetune_network()}
-        if e.finetune_baseline:
-            nets["random init"] = method.random_init_baseline().to(device).finetune_network()
-        out = {}
-        for name, net in nets.items():
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-            out[name] = finetune_encoder(net, net.vit, net.feature_dim, classes, (x[keep], y[keep]), (images, labels),
-                                         epochs=e.finetune_epochs, lr=e.finetune_lr, layer_decay=e.finetune_layer_decay,
-                                         generator=torch.Generator().manual_seed(seed), device=device,
-                                         desc=f"fine-tune ({name})")["top1"]
-        return out
-    if protocol == "snn":
-        _, x, y = _split_images(cfg, protocol, "train")
-        return method.snn_accuracy(x, y, images, labels)
-    if protocol == "fid":
-        from visrep.eval.fid import fid_protocol
-
-        _, x, y = _split_images(cfg, protocol, "train")
-        return fid_protocol(method, (x, y), (images, labels), cfg.data.name, n=e.fid_samples, feature=e.fid_feature,
-                            weights=e.fid_weights, batch_size=e.batch_size, seed=cfg.train.seed, device=device)
-    if protocol == "zeroshot":
-        from visrep.eval.zeroshot import DEFAULT_TEMPLATES, zeroshot_classification
-
-        classes = method.data_info.classes or getattr(ds, "classes", None)
-        if not classes:
-            raise ValueError("zero-shot classification needs class names (the dataset's classes)")
-        templates = e.zeroshot_templates or getattr(ds, "templates", None) or DEFAULT_TEMPLATES
-        return zeroshot_classification(method, images, labels, classes, templates, batch_size=e.batch_size)
-    from visrep.eval.retrieval import image_text_retrieval
-
-    if not hasattr(ds, "captions"):
-        raise ValueError("retrieval needs a test set with captions (a captions(index) method)")
-    n = min(e.retrieval_samples, len(images))
-    return image_text_retrieval(method, images[:n], [ds.captions(i) for i in range(n)], batch_size=e.batch_size)
+def known_protocols() -> dict[str, str]:
+    """Every protocol name -> what it measures (feature, generic and method-declared), for help texts."""
+    out = {"knn": "k-NN top-1 (DINO's weighted vote)", "linear": "linear probe top-1",
+           "lowshot": "low-shot logistic regression top-1"}
+    out.update({k: v.about for k, v in P.GENERIC.items()})
+    for name, entry in METHODS.items():
+        for k, v in entry.method_class().protocols().items():
+            out.setdefault(k, f"{v.about} ({name})")
+    return out
 
 
 def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Shared dataset pieces, CIFAR-10/100 and the :func:`build_dataset` factory.
+"""Shared dataset pieces and CIFAR-10/100 (the :func:`build_dataset` factory: :mod:`visrep.data.registry`).
 
 The datasets themselves live in :mod:`~visrep.data.fashion_mnist` (IDX reader, Fashion-MNIST),
 :mod:`~visrep.data.folders` (ImageFolder that skips unreadable files) and
@@ -16,7 +16,6 @@ In-memory datasets (Fashion-MNIST, CIFAR) also offer ``tensors() -> (images [N,C
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,12 +25,12 @@ from torchvision import tv_tensors
 
 __all__ = [
     "Forwarding",
-    "DATASET_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "DatasetNotFoundError",
+    "InMemory",
+    "in_memory",
     "TensorImageDataset",
     "load_cifar",
-    "build_dataset",
 ]
 
 # Where Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files. Read at
@@ -42,27 +41,6 @@ DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 # Default download root when ``download=True`` and no root was given.
 DEFAULT_DOWNLOAD_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "visrep", "data")
-
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "procedural", "coco_captions", "csv_captions",
-                 "wds_captions")
-_ALIASES = {
-    "fmnist": "fashion_mnist",
-    "fashionmnist": "fashion_mnist",
-    "fashion_mnist": "fashion_mnist",
-    "cifar10": "cifar10",
-    "cifar_10": "cifar10",
-    "cifar100": "cifar100",
-    "cifar_100": "cifar100",
-    "imagefolder": "imagefolder",
-    "image_folder": "imagefolder",
-    "imagenet": "imagefolder",
-    "procedural": "procedural",
-    "shapes": "procedural",
-    "coco_captions": "coco_captions",
-    "csv_captions": "csv_captions",
-    "wds_captions": "wds_captions",
-}
-
 
 class Forwarding:
     """Mixin for a dataset wrapping ``self.dataset``: the attributes named in ``forwarded`` are read
@@ -102,7 +80,20 @@ def _normalise_split(split: str) -> str:
 # --------------------------------------------------------------------------------------------
 # In-memory tensor dataset
 # --------------------------------------------------------------------------------------------
-class TensorImageDataset(Dataset):
+class InMemory:
+    """A dataset held in memory: ``tensors()`` gives every image and label at once, the batched fast
+    path (:class:`visrep.data.loaders.InMemoryBatches`); ``isinstance(ds, InMemory)`` tells."""
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def in_memory(ds) -> bool:
+    """Whether ``ds`` offers the batched in-memory path (``tensors()``)."""
+    return isinstance(ds, InMemory)
+
+
+class TensorImageDataset(InMemory, Dataset):
     """Images held in memory as one ``uint8`` tensor ``[N, C, H, W]`` plus ``int64`` labels ``[N]``."""
 
     def __init__(
@@ -166,7 +157,7 @@ def load_cifar(name: str, split: str = "train", root: str | os.PathLike | None =
     """
     import torchvision
 
-    name = _ALIASES.get(name.lower().replace("-", "_"), name)
+    name = name.lower().replace("-", "").replace("_", "")
     split = _normalise_split(split)
     folder = _CIFAR_FOLDERS[name]
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -194,69 +185,3 @@ def load_cifar(name: str, split: str = "train", root: str | os.PathLike | None =
     out.split = split
     out.source = str(root / folder)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------------
-def build_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
-                  transform: Callable | None = None, download: bool = False, **kw) -> Dataset:
-    """Build a dataset by name: fashion_mnist, cifar10, cifar100, imagefolder or procedural.
-
-    Extra keywords go to the dataset: imagefolder takes ``verify``/``extensions`` (and picks
-    ``root/<split>`` when that folder exists, ``split`` "val"/"test" trying both names);
-    procedural takes ``num_samples``, ``image_size``, ``in_chans``, ``seed``, ``shapes``, ``label``.
-    Caption datasets (:mod:`visrep.data.captions`), under ``root``: ``coco_captions``
-    (``annotations/captions_{train,val}2017.json`` + ``{train,val}2017/``), ``csv_captions``
-    (``{train,test}.csv``, open_clip's tab-separated ``filepath``/``title`` columns, paths relative to
-    root), ``wds_captions`` (webdataset shards ``{train,test}/*.tar`` or ``{train,test}-*.tar``).
-    """
-    # imported here: those modules build on this one
-    from .fashion_mnist import load_fashion_mnist
-    from .folders import SafeImageFolder
-    from .procedural import ProceduralShapes
-
-    key = _ALIASES.get(str(name).lower().replace("-", "_"))
-    if key is None:
-        raise ValueError(f"unknown dataset {name!r}; choose from {DATASET_NAMES}")
-    if key == "fashion_mnist":
-        if kw:
-            raise TypeError(f"fashion_mnist takes no extra arguments, got {sorted(kw)}")
-        return load_fashion_mnist(split, root=root, transform=transform, download=download)
-    if key in ("cifar10", "cifar100"):
-        if kw:
-            raise TypeError(f"{key} takes no extra arguments, got {sorted(kw)}")
-        return load_cifar(key, split, root=root, transform=transform, download=download)
-    if key in ("coco_captions", "csv_captions", "wds_captions"):
-        return _caption_dataset(key, _normalise_split(split), root, transform)
-    if key == "imagefolder":
-        if root is None:
-            raise DatasetNotFoundError("imagefolder needs data.root / --data-root (root/<class>/<image> "
-                                       "or root/<split>/<class>/<image>)")
-        base = Path(root)
-        names = [split] + (["val", "validation", "test"] if split in ("val", "test", "validation") else [])
-        folder = next((base / s for s in names if (base / s).is_dir()), None)
-        if folder is None:
-            folder = base
-            if split != "train":
-                warnings.warn(f"imagefolder: no {'/'.join(names)} folder under {base}; the {split} split uses "
-                              f"the same images as train (evaluation on training images)", stacklevel=2)
-        return SafeImageFolder(folder, transform=transform, **kw)
-    return ProceduralShapes(split=split, transform=transform, **kw)
-
-
-def _caption_dataset(key: str, split: str, root, transform):
-    from .captions import TarCaptions, caption_csv, coco_captions
-
-    if root is None:
-        raise DatasetNotFoundError(f"{key} needs data.root / --data-root")
-    base = Path(root)
-    if key == "csv_captions":
-        return caption_csv(base / f"{split}.csv", base, transform=transform)
-    if key == "coco_captions":
-        coco = "train2017" if split == "train" else "val2017"
-        return coco_captions(base / "annotations" / f"captions_{coco}.json", base / coco, transform=transform)
-    shards = sorted((base / split).glob("*.tar")) or sorted(base.glob(f"{split}-*.tar"))
-    if not shards:
-        raise DatasetNotFoundError(f"wds_captions: no shards {base / split}/*.tar or {base}/{split}-*.tar")
-    return TarCaptions(shards, transform=transform)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from visrep.utils import mix_seed
 
-from .datasets import _as_image, _normalise_split
+from .datasets import InMemory, _as_image, _normalise_split
 
 __all__ = ["SHAPES", "COLOURS", "SIZES", "POSITIONS", "TEXTURES", "ProceduralShapes"]
 
@@ -34,7 +34,7 @@ TEXTURES = ("solid", "striped", "checkered")
 _SPLIT_OFFSET = {"train": 0, "test": 1_000_003}
 
 
-class ProceduralShapes(Dataset):
+class ProceduralShapes(InMemory, Dataset):
     """Generated images of coloured, textured shapes; ``label`` = shape class (or another attribute).
 
     Each item is rendered on the fly from ``(seed, split, index)`` so the dataset costs no memory

@@ -5,6 +5,8 @@
   log(ratio) / log(C)``) or the exponential profile of the long-tailed CIFAR benchmarks
   (``n_c = n_max ratio^(-c / (C - 1))``); which images are kept comes from ``seed``. For PMSN's claim
   (a power-law prior helps on class-imbalanced data): ``data.long_tail_ratio=100``.
+* :func:`read_file_list` / :func:`write_file_list`: a curated training subset (``visrep curate``,
+  ``data.subset_file``) as dataset indices or file paths, one per line.
 * :func:`label_split` / :func:`write_label_split` / :func:`read_label_split`: the labelled images of
   a low-shot split (k per class or a fraction of each class, seeded) as a text file of dataset
   indices, one per line (the role of the official ``imagenet_subsets/*.txt`` and
@@ -90,4 +92,30 @@ def read_label_split(path: str | Path) -> Tensor:
         raise ValueError(f"{path}: every non-comment line must be one dataset index ({e})") from None
 
 
-__all__ = ["label_split", "long_tailed_counts", "long_tailed_indices", "read_label_split", "write_label_split"]
+
+
+def write_file_list(path: str | Path, indices, names: list[str] | None = None) -> Path:
+    """One entry per line: the dataset index, or ``names[index]`` (file paths) when given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [str(names[i]) if names is not None else str(int(i)) for i in indices]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_file_list(path: str | Path, names: list[str] | None = None) -> list[int]:
+    """Dataset indices of a file list (integers, or paths looked up in ``names``)."""
+    entries = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if all(e.lstrip("-").isdigit() for e in entries):
+        return [int(e) for e in entries]
+    if names is None:
+        raise ValueError(f"{path} lists file paths but the dataset has no file names to match them")
+    where = {str(n): i for i, n in enumerate(names)}
+    missing = [e for e in entries if e not in where]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} entries are not in the dataset, e.g. {missing[0]!r}")
+    return [where[e] for e in entries]
+
+
+__all__ = ["label_split", "long_tailed_counts", "long_tailed_indices", "read_file_list", "read_label_split",
+           "write_file_list", "write_label_split"]

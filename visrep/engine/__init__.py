@@ -1,5 +1,6 @@
 """Engine: the trainer, distributed helpers, checkpoints and logging (knows nothing about methods)."""
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 from .trainer import NonFiniteLossError, ResumeError, Trainer, TrainResult, train
 
 __all__ = ["CheckpointError", "NonFiniteLossError", "ResumeError", "TrainResult", "Trainer", "load_checkpoint",

@@ -44,17 +44,18 @@ import torch
 from torch import Tensor
 
 from visrep import distributed as D
+from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from visrep.data.streams import ClassBalancedIndices, DictDataset, collate_dicts, memory_batch
 from visrep.methods.base import Method, Step, StreamSpec
 from visrep.optim.factory import apply_schedules, build_optimizer, resolve_optim_defaults
 from visrep.optim.schedules import build_schedules, schedule_horizon
 from visrep.utils import mix_seed
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .logging import MetricLogger
 from .online_knn import OnlineKNN
 from .resume import ResumeError, check_resumable, config_differences
 from .rng import rng_state, seed_everything, set_rng_state
+from .step import apply_update, forward_backward
 
 CKPT_FORMAT = 2      # 2: + data_info
 HISTORY_TAIL = 1000  # log records kept in a checkpoint
@@ -339,11 +340,7 @@ class Trainer:
         whether any process asked to stop (``should_stop()``, e.g. the time budget on rank 0). The
         finite check and the stop flag are the step's one host synchronisation.
         """
-        with self.autocast():
-            out = self._forward(batch, info)
-        if "loss" not in out:
-            raise KeyError(f"training_step must return a dict with a 'loss' entry, got keys {sorted(out)}")
-        out["loss"].backward()
+        out = forward_backward(self.method, batch, info, forward=self._forward, autocast=self.autocast)
         names = list(out)
         vals = torch.stack([out[k].detach().to(torch.float64).reshape(()) for k in names])
         flags = torch.stack([(~torch.isfinite(vals)).any().float(),
@@ -359,13 +356,9 @@ class Trainer:
             raise NonFiniteLossError(f"non-finite loss at step {info.step} (epoch {info.epoch}): {bad_terms}; {where}",
                                      step=info.step, epoch=info.epoch, terms=dict(zip(names, values)),
                                      checkpoint=self.last_good)
-        self.method.before_optimizer_step(info)
-        if self.cfg.optim.clip_grad:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad, foreach=True)
+        norm = apply_update(self.method, optimizer, info, clip_grad=self.cfg.optim.clip_grad, params=self.params)
+        if norm is not None:
             self.grad_norm = D.full_tensor(norm)  # FSDP: a replicated DTensor (no communication)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.method.after_optimizer_step(info)
         return names, vals, stop > 0
 
     # -- checkpoints -----------------------------------------------------------------------------

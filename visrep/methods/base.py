@@ -43,6 +43,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from visrep.errors import ConfigError
+from visrep.eval.protocols import Protocol
 from visrep.optim.groups import decay_groups
 
 
@@ -127,7 +129,7 @@ class Method(nn.Module):
 
     feature_description: str = "encoder output"
     # hooks the base class declares but only some methods implement (``can`` tells)
-    OPTIONAL_CAPABILITIES = ("sample", "encode_text")
+    OPTIONAL_CAPABILITIES = ("sample", "encode_text", "encode_images", "similarity", "labelled_subset")
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__()
@@ -226,9 +228,20 @@ class Method(nn.Module):
         fine-tuning (``visrep eval --protocols finetune``); its ``vit`` gets layer-wise lr decay."""
         return FeatureNetwork(self)
 
-    def can(self, capability: str) -> bool:
-        """Whether the optional ``capability`` (``"sample"``, ``"encode_text"``) is implemented."""
-        return getattr(type(self), capability, None) is not getattr(Method, capability, None)
+    @classmethod
+    def protocols(cls) -> dict[str, Protocol]:
+        """The evaluations this method answers itself, besides the generic ones of
+        :mod:`visrep.eval.protocols` (IWM: ``mrr``; PAWS: ``snn``), each ``Protocol(about, run(method,
+        ctx))`` with its settings in the method's config section."""
+        return {}
+
+    @classmethod
+    def can(cls, capability: str) -> bool:
+        """Whether ``capability`` is available: an optional one (``OPTIONAL_CAPABILITIES``) must be
+        implemented by the method; any other hook exists on every method."""
+        if capability in Method.OPTIONAL_CAPABILITIES:
+            return getattr(cls, capability, None) is not getattr(Method, capability, None)
+        return hasattr(cls, capability)
 
     def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Generators only: ``n`` images ``uint8 [n, C, H, W]`` (FID)."""
@@ -238,6 +251,19 @@ class Method(nn.Module):
         """Vision-language methods only: text embeddings (zero-shot, retrieval); CLIP / SigLIP / Llip
         return a dict of tensors with a leading text axis (see ``visrep.eval.zeroshot``)."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def encode_images(self, images: Tensor) -> Tensor | dict[str, Tensor]:
+        """Vision-language methods only: what :meth:`similarity` compares with text embeddings."""
+        raise NotImplementedError(f"{type(self).__name__} has no image-text embedding")
+
+    def similarity(self, image: dict[str, Tensor], text: dict[str, Tensor]) -> Tensor:
+        """Vision-language methods only: ``[N_images, N_texts]`` scores of encoded images and texts."""
+        raise NotImplementedError(f"{type(self).__name__} has no image-text similarity")
+
+    def labelled_subset(self, train_labels: Tensor) -> Tensor:
+        """Methods that pretrain with labels (PAWS): the indices of the training images whose labels
+        pretraining used (``eval.finetune_subset=labelled`` fine-tunes on exactly these)."""
+        raise NotImplementedError(f"{type(self).__name__} pretrains without labels")
 
 
 class FeatureNetwork(nn.Module):
@@ -264,8 +290,6 @@ def check_vit_config(cfg, sizes: dict[str, int] | None = None, class_token: str 
     """The ViT checks every method's ``validate`` shares (``ConfigError`` naming the key): the heads
     divide ``model.embed_dim``; every input size in ``sizes`` (default: ``data.image_size``) is a
     multiple of ``model.patch_size``; ``class_token``, when given, says why a [CLS] token is required."""
-    from visrep.config import ConfigError
-
     mc = cfg.model
     if class_token and not mc.class_token:
         raise ConfigError(f"{class_token}: model.class_token must be true")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from visrep.data.masks import MultiBlockMaskCollator
 from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
 from visrep.eval.finetune import AttentivePooler, train_classifier
+from visrep.eval.protocols import Protocol
 from visrep.losses import jepa_loss, normalized_targets
 from visrep.models import Normalize, Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.optim.ema import ema_update_, make_target
@@ -268,6 +269,18 @@ class IJEPA(Method):
                for chunk in images.split(batch_size)]
         self.target_encoder.train(was_training)
         return torch.cat(out)
+
+    @classmethod
+    def protocols(cls) -> dict[str, Protocol]:
+        return {"predictor_ft": Protocol("top-1 with the encoder frozen, predictor + attentive head fine-tuned",
+                                         cls._predictor_ft_protocol)}
+
+    def _predictor_ft_protocol(self, ctx) -> dict[str, float]:
+        e = ctx.cfg.eval
+        x, y, keep = ctx.finetune_set(self)
+        _, images, labels = ctx.split("test")
+        return self.predictor_finetune((x[keep], y[keep]), (images, labels), epochs=e.finetune_epochs,
+                                       lr=e.finetune_lr, generator=ctx.generator)
 
     def predictor_finetune(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], epochs: int = 10,
                            lr: float = 1e-3, batch_size: int = 128, generator: torch.Generator | None = None

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
 from visrep.data.views import NUM_PARAMS, PhotometricSpec, action, iwm_views, photometric
+from visrep.eval.protocols import Protocol
 from visrep.eval.world_model import reciprocal_ranks
 from visrep.losses import normalized_targets
 from visrep.models import apply_masks
@@ -53,6 +54,8 @@ class IWMConfig(IJEPAConfig):
     source_grayscale_p: float = 0.2
     source_blur_p: float = 0.2
     source_solarize_p: float = 0.1
+    mrr_candidates: int = 16       # protocol "mrr": transformed versions of each image (paper: 256)
+    mrr_samples: int = 1000        # protocol "mrr": test images used
 
 
 class IWM(IJEPA):
@@ -102,6 +105,14 @@ class IWM(IJEPA):
         return {"cond": cond, "target_imgs": target}
 
     # -- world-model quality ---------------------------------------------------------------------
+    @classmethod
+    def protocols(cls) -> dict[str, Protocol]:
+        return {**super().protocols(),
+                "mrr": Protocol("world-model MRR (method.mrr_candidates targets, method.mrr_samples images)",
+                                lambda m, ctx: m.world_model_mrr(ctx.split("test")[1][:m.cfg.mrr_samples],
+                                                                 n_candidates=m.cfg.mrr_candidates,
+                                                                 generator=ctx.generator))}
+
     @torch.no_grad()
     def world_model_mrr(self, images: Tensor, n_candidates: int = 16, generator: torch.Generator | None = None,
                         batch_size: int = 128) -> float:

@@ -102,13 +102,13 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     if name == "lars":
-        from visrep.optim.lars import LARS
+        from .lars import LARS
 
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     if name in _CRITICAL:
-        from visrep.optim import critical
+        from .critical import SGDC, AdamC, RMSpropC
 
-        cls = getattr(critical, _CRITICAL[name])
+        cls = {"SGDC": SGDC, "AdamC": AdamC, "RMSpropC": RMSpropC}[_CRITICAL[name]]
         kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, topc=cfg.topc, decay=cfg.decay, kappa=cfg.kappa,
                   reference_compat=cfg.reference_compat)
         if cfg.aggr is not None:

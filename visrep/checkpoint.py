@@ -14,11 +14,8 @@ from typing import Any
 
 import torch
 
+from visrep.errors import CheckpointError
 from visrep.utils import atomic_path
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the path and the cause."""
 
 
 def _cause(e: BaseException) -> str:
