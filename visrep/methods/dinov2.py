@@ -24,6 +24,9 @@ Follows the released code (see ``../shared/reference/methods.md`` section 7), wi
 * **KoLeo** neighbours are searched over every process's global-crop [CLS] tokens
   (``koleo_scope=global``, so 2 processes x B equal 1 x 2B); ``koleo_scope=local`` is the official
   per-GPU batch.
+* **Masks**: as the official collate, ``mask_probability`` of the global crops get iBOT masks and the
+  student sees them masked whether or not the iBOT loss is on (``ibot_loss_weight=0`` still masks; set
+  ``mask_probability=0`` for unmasked crops, as the distillation recipes do).
 * **Centres** are means over every process's rows (the official patch centre averages per-GPU
   means; equal on one process). The update is recorded in buffers and applied at the next step,
   exactly as the official asynchronous all-reduce.
@@ -275,8 +278,8 @@ class DINOv2(Method):
                               self.local_spec, generator)
             out["local_crops"] = loc.view(m.n_local_crops, B, *loc.shape[1:]).transpose(0, 1)
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        masks = self.mask_generator.sample(2 * B, rng)["masks"] if self.do_ibot else \
-            torch.zeros(2 * B, self.mask_generator.num_patches, dtype=torch.bool)
+        # the official collate masks the global crops whether or not the iBOT loss is on
+        masks = self.mask_generator.sample(2 * B, rng)["masks"]
         out["masks"] = masks.view(2, B, -1).transpose(0, 1).to(glob.device)
         return out
 
@@ -320,7 +323,7 @@ class DINOv2(Method):
         n_local = m.n_local_crops
         p_cls, p_patch = self.teacher_targets(glob, idx, self.teacher_temp(step.step))
 
-        out_g = s["backbone"].forward_features(glob, mask=masks if self.do_ibot else None)
+        out_g = s["backbone"].forward_features(glob, mask=masks)                # masked even without iBOT
         cls_g = out_g["x_norm_clstoken"]
         inputs = [cls_g]
         if n_local:
