@@ -131,7 +131,7 @@ def _prepared(name: str, out_dir, overrides=()):
 
     cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}", *overrides)
     method, ds = build(cfg)
-    batches = Trainer(cfg, method, ds)._batches(0)
+    batches = Trainer(cfg, method, ds).batches(0)
     batch = _as64(next(batches))
     batches.close()
     return cfg, method.double(), ds, batch

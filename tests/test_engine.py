@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visrep.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
 from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visrep.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
 from visrep.engine.trainer import NonFiniteLossError, ResumeError, Trainer, train
 from visrep.methods.base import DataInfo, Method, Step, decay_groups
 from visrep.optim import (
@@ -292,13 +292,13 @@ def test_calibrate_total_steps_fits_the_budget(tmp_path):
     assert load_checkpoint(res.checkpoint)["total_steps"] == res.total_steps
 
 
-def test_refit_horizon_uses_the_measured_pace(tmp_path):
-    trainer = Trainer(make_cfg(tmp_path, epochs=1000), EMAToy(), ToyData())
-    trainer.set_total_steps(100)
-    assert trainer._refit_horizon(step=10, start_step=0, run_seconds=1.0, remaining=9.0) is None  # too early
+def test_refit_horizon_uses_the_measured_pace():
+    from visrep.engine.budget import refit_horizon
+
+    assert refit_horizon(100, step=10, start_step=0, run_seconds=1.0, remaining=9.0) is None  # too early
     # 50 steps in 5 s, 10 s left: 0.99 * 100 more steps
-    assert trainer._refit_horizon(step=50, start_step=0, run_seconds=5.0, remaining=10.0) == 50 + 99
-    assert trainer._refit_horizon(step=50, start_step=0, run_seconds=10.0, remaining=10.1) is None  # < 1 %
+    assert refit_horizon(100, step=50, start_step=0, run_seconds=5.0, remaining=10.0) == 50 + 99
+    assert refit_horizon(100, step=50, start_step=0, run_seconds=10.0, remaining=10.1) is None  # < 1 %
 
 
 def test_a_pessimistic_calibration_is_corrected_during_the_run(tmp_path):

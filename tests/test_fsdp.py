@@ -36,7 +36,7 @@ def _prepared_batches(name: str, out_dir, overrides=()) -> tuple:
 
     cfg = tiny_config(name, out_dir, f"train.batch_size={2 * B}", *overrides)
     method, ds = build(cfg)
-    batches = Trainer(cfg, method, ds)._batches(0)
+    batches = Trainer(cfg, method, ds).batches(0)
     prepared = [_as64(next(batches)) for _ in range(STEPS)]
     batches.close()
     return cfg, ds, prepared

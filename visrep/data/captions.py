@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import DatasetNotFoundError, Forwarding, _as_image
+from .datasets import DatasetNotFoundError, Forwarding, _as_image, in_memory
 
 __all__ = ["TemplateCaptions", "CaptionFiles", "caption_csv", "coco_captions", "TarCaptions", "read_image"]
 
@@ -56,7 +56,7 @@ class TemplateCaptions(Forwarding, Dataset):
         self.targets = self._labels()
 
     def _labels(self) -> list[int]:
-        if hasattr(self.dataset, "tensors"):
+        if in_memory(self.dataset):
             return self.dataset.tensors()[1].tolist()
         if hasattr(self.dataset, "targets"):
             return list(self.dataset.targets)

@@ -89,7 +89,10 @@ class InMemory:
 
 
 def in_memory(ds) -> bool:
-    """Whether ``ds`` offers the batched in-memory path (``tensors()``)."""
+    """Whether ``ds`` offers the batched in-memory path (``tensors()``): an :class:`InMemory` dataset,
+    or a :class:`Forwarding` wrapper that forwards ``tensors`` of one."""
+    if isinstance(ds, Forwarding) and "tensors" in type(ds).forwarded:
+        return in_memory(ds.__dict__.get("dataset"))
     return isinstance(ds, InMemory)
 
 

@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 
 from visrep.utils import mix_seed
 
+from .datasets import in_memory
+
 
 def _captions_of(dataset, index: int) -> list[str]:
     fn = getattr(dataset, "captions", None)
@@ -71,7 +73,7 @@ def collate_dicts(items: Sequence[dict]) -> dict:
 
 
 def _labels_of(dataset) -> Tensor:
-    if hasattr(dataset, "tensors"):
+    if in_memory(dataset):
         return torch.as_tensor(dataset.tensors()[1], dtype=torch.long)
     for attr in ("targets", "labels"):
         if hasattr(dataset, attr):

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from visrep.data.datasets import in_memory
 from visrep.utils import mix_seed
 
 
@@ -21,7 +22,7 @@ class OnlineKNN:
 
     def _take(self, data, count: int, offset: int = 0):
         g = torch.Generator().manual_seed(mix_seed(self.seed, 0x4B4E4E))
-        if hasattr(data, "tensors"):
+        if in_memory(data):
             images, labels = data.tensors()
             idx = torch.randperm(images.shape[0], generator=g)[offset:offset + count]
             return images[idx], torch.as_tensor(labels)[idx]

@@ -35,22 +35,20 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from visrep import distributed as D
 from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from visrep.data.streams import ClassBalancedIndices, DictDataset, collate_dicts, memory_batch
-from visrep.methods.base import Method, Step, StreamSpec
+from visrep.methods.base import Method, Step
 from visrep.optim.factory import apply_schedules, build_optimizer, resolve_optim_defaults
 from visrep.optim.schedules import build_schedules, schedule_horizon
-from visrep.utils import mix_seed
 
+from .batches import BatchSource
+from .budget import refit_horizon, steps_for_budget
 from .logging import MetricLogger
 from .online_knn import OnlineKNN
 from .resume import ResumeError, check_resumable, config_differences
@@ -83,17 +81,6 @@ class TrainResult:
     images_per_sec: float = 0.0            # global throughput of this call
     elapsed: float = 0.0                   # seconds of training, including before a resume
     calibration_seconds: float = 0.0       # timing the step before a time-budgeted run (not in elapsed)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        out = [_to_device(b, device) for b in batch]
-        return type(batch)(out) if not hasattr(batch, "_fields") else type(batch)(*out)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class Trainer:
@@ -129,7 +116,8 @@ class Trainer:
         else:
             self.autocast = contextlib.nullcontext
 
-        self._build_streams(method.streams())
+        self.batches = BatchSource(cfg, method, train_data, self.device, self.rank, self.world)
+        self.steps_per_epoch, self.batch_size = self.batches.steps_per_epoch, self.batches.batch_size
 
         # -- model (DDP / FSDP2 / compile) and optimizer
         self.model = method
@@ -158,81 +146,6 @@ class Trainer:
         self.refit_to_budget = False   # set by calibrate_total_steps: re-fit the horizon during the run
         self.calibration_seconds = 0.0
         self.set_total_steps(total_steps)
-
-    # -- data streams ----------------------------------------------------------------------------
-    def _build_streams(self, streams: dict[str, StreamSpec]) -> None:
-        cfg, tc = self.cfg, self.cfg.train
-        main = streams.get("main", StreamSpec())
-        if main.sampler != "epoch":
-            raise ValueError(f"the main stream must use sampler='epoch', got {main.sampler!r}")
-        self.captions = main.captions
-        self.batch_size = main.batch_size or tc.batch_size
-        self.in_memory = bool(cfg.data.in_memory and hasattr(self.train_data, "tensors"))
-        if self.in_memory:
-            from visrep.data.loaders import InMemoryBatches
-
-            images, labels = self.train_data.tensors()
-            self.memory = InMemoryBatches(images, labels, self.batch_size, transform=None, shuffle=True,
-                                          drop_last=True, seed=tc.seed, rank=self.rank, world_size=self.world,
-                                          device=self.device, return_indices=True)
-            self.steps_per_epoch = len(self.memory)
-            n = images.shape[0]
-        else:
-            from visrep.data.loaders import build_loader
-
-            pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else self.device.type == "cuda"
-            self.loader = build_loader(DictDataset(self.train_data, captions=self.captions), self.batch_size,
-                                       shuffle=True, collate_fn=collate_dicts, num_workers=cfg.data.num_workers,
-                                       pin_memory=pin, drop_last=True, seed=tc.seed, distributed=self.world > 1,
-                                       rank=self.rank, world_size=self.world)
-            self.steps_per_epoch = self.loader.sampler.num_samples // self.batch_size
-            n = len(self.train_data)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"train.batch_size={self.batch_size} x {self.world} process(es) is larger than "
-                             f"the {n} training images: not one batch per epoch")
-        self.extra: dict[str, tuple[StreamSpec, ClassBalancedIndices]] = {}
-        for name, spec in streams.items():
-            if name == "main":
-                continue
-            if spec.sampler != "class_balanced":
-                raise ValueError(f"stream {name!r}: extra streams use sampler='class_balanced', got {spec.sampler!r}")
-            self.extra[name] = (spec, ClassBalancedIndices(self.train_data, spec, name=name, seed=tc.seed,
-                                                           rank=self.rank, world_size=self.world))
-
-    def _stream_batch(self, name: str, step: int) -> dict:
-        spec, sampler = self.extra[name]
-        idx = sampler.indices(step)
-        if self.in_memory:
-            idx_d = idx.to(self.memory.images.device)
-            return memory_batch(self.train_data, self.memory.images.index_select(0, idx_d),
-                                self.memory.labels.index_select(0, idx_d), idx, captions=spec.captions)
-        ds = DictDataset(self.train_data, captions=spec.captions)
-        return collate_dicts([ds[i] for i in idx.tolist()])
-
-    def _raw_batches(self, start_step: int) -> Iterator[dict]:
-        """The main stream's batch dicts of steps ``start_step, start_step + 1, ...``."""
-        epoch, start = divmod(start_step, self.steps_per_epoch)
-        while True:
-            if self.in_memory:
-                for images, labels, idx in self.memory.batches(epoch, start):
-                    yield memory_batch(self.train_data, images, labels, idx, captions=self.captions)
-            else:
-                from visrep.data.loaders import set_epoch
-
-                set_epoch(self.loader, epoch, start)
-                yield from self.loader
-            epoch, start = epoch + 1, 0
-
-    def _batches(self, start_step: int) -> Iterator[dict]:
-        """Prepared batches (on the training device) of steps ``start_step, start_step + 1, ...``."""
-        step = start_step
-        for batch in self._raw_batches(start_step):
-            for name in self.extra:
-                batch[name] = self._stream_batch(name, step)
-            batch = _to_device(batch, self.device)
-            g = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, step, self.rank))
-            yield _to_device(self.method.prepare_batch(batch, g), self.device)
-            step += 1
 
     # -- run length ------------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int | None) -> None:
@@ -268,7 +181,7 @@ class Trainer:
         weights = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
         rng = rng_state()
         optimizer = build_optimizer(self.method.param_groups(), self.cfg.optim)
-        batches = self._batches(0)
+        batches = self.batches(0)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         try:
             t0 = 0.0
@@ -288,25 +201,12 @@ class Trainer:
             self.method.load_state_dict(weights)
             set_rng_state(rng)
             del optimizer
-        steps = max(1, int(safety * minutes * 60.0 / max(seconds, 1e-9)))
+        steps = steps_for_budget(minutes, seconds, safety)
         self.seconds_per_step = seconds
         self.calibration_seconds = time.perf_counter() - t_cal
         self.refit_to_budget = True
         self.set_total_steps(steps)
         return steps
-
-    def _refit_horizon(self, step: int, start_step: int, run_seconds: float, remaining: float) -> int | None:
-        """A time-budgeted run's new length from the throughput measured so far (None: keep it).
-
-        The warm-up estimate is conservative (``safety``) and the machine's speed drifts, so the
-        horizon is re-fitted during the run: the steps still to do are what the remaining time allows
-        at the average pace since the start (checkpoints and logging included), less 1 % kept for the
-        final checkpoint. Changes under 1 % are ignored so that the schedules do not jitter."""
-        done = step - start_step
-        if done < 20 or run_seconds <= 0:
-            return None
-        new_total = step + max(1, int(0.99 * remaining * done / run_seconds))
-        return new_total if abs(new_total - self.total_steps) > 0.01 * self.total_steps else None
 
     # -- one step --------------------------------------------------------------------------------
     @property
@@ -450,7 +350,7 @@ class Trainer:
                              stopped_by="done", checkpoint=self.last_good, start_step=step)
         images_per_step = self.batch_size * self.world
         self.method.train()
-        batches = self._batches(step)
+        batches = self.batches(step)
         t_start = time.perf_counter()
         t_log, step_log = t_start, step
         pending: list[Tensor] = []   # loss terms of the steps since the last log, read at log steps
@@ -486,7 +386,8 @@ class Trainer:
                     del history[:-HISTORY_TAIL]
                     t_log, step_log, pending = now, step, []
                     if self.refit_to_budget and budget < math.inf and not stop_requested:
-                        new_total = self._refit_horizon(step, result.start_step, now - t_start, budget - elapsed())
+                        new_total = refit_horizon(self.total_steps, step, result.start_step, now - t_start,
+                                              budget - elapsed())
                         new_total = D.broadcast_object(new_total)  # every process keeps the same schedule
                         if new_total is not None:
                             self.set_total_steps(new_total)
