@@ -42,10 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from visrep.data.views import PhotometricSpec
+from visrep.eval.protocols import Protocol
 from visrep.losses import paws_loss, smoothed_one_hot, snn
 from visrep.models import Normalize, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
-from visrep.models.wide_resnet import wide_resnet28_2
+from visrep.models.wide_resnet import WideResNet, wide_resnet28_2
 from visrep.optim.groups import decay_groups
 
 from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
@@ -55,7 +56,10 @@ from .msn import augmented_views, encode_views, no_decay_msn
 @dataclass
 class PAWSConfig:
     name: Literal["paws"] = "paws"
-    backbone: Literal["vit", "resnet18", "resnet50", "wrn28_2"] = "vit"   # resnet*: torchvision; wrn28_2: CIFAR
+    backbone: Literal["vit", "resnet18", "resnet50", "wrn28_2", "wrn"] = "vit"  # resnet*: torchvision;
+    # wrn28_2: the official CIFAR WRN-28-2; wrn: WRN-<wrn_depth>-<wrn_widen> (the same official class)
+    wrn_depth: int = 28
+    wrn_widen: int = 2
     hidden_dim: int = 2048
     output_dim: int = 128
     use_pred_head: bool = False
@@ -105,6 +109,8 @@ class PAWS(Method):
                 raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
         if not 0 <= m.label_smoothing < 1 or m.temperature <= 0 or m.sharpen <= 0:
             raise ConfigError("method.label_smoothing must be in [0, 1), temperature and sharpen > 0")
+        if m.backbone == "wrn" and (m.wrn_depth < 4 or (m.wrn_depth - 4) % 6 or m.wrn_widen < 1):
+            raise ConfigError(f"method.wrn_depth={m.wrn_depth} must be 6n + 4 and method.wrn_widen >= 1")
         if m.use_pred_head and m.output_dim % 4:
             raise ConfigError(f"method.output_dim={m.output_dim} must be divisible by 4 for the prediction head")
 
@@ -121,6 +127,8 @@ class PAWS(Method):
             self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
         elif m.backbone == "wrn28_2":  # the official CIFAR-10 backbone
             self.encoder = wide_resnet28_2(self.data_info.in_chans, dropout=0.0)  # official init_model
+        elif m.backbone == "wrn":
+            self.encoder = WideResNet(m.wrn_depth, m.wrn_widen, dropout=0.0, in_chans=self.data_info.in_chans)
         else:
             self.encoder = TorchvisionResNet(m.backbone, self.data_info.in_chans)
         self.head = ProjectionHead(self.encoder.embed_dim, m.hidden_dim, m.output_dim, use_bn=True, activation="relu")
@@ -225,6 +233,11 @@ class PAWS(Method):
 
         return ClassBalancedIndices(SimpleNamespace(targets=train_labels.cpu()), self.streams()["supports"],
                                     name="supports", seed=self.run_cfg.train.seed, rank=0, world_size=1).labelled
+
+    @classmethod
+    def protocols(cls) -> dict[str, Protocol]:
+        return {"snn": Protocol("soft nearest-neighbour top-1 % over the labelled subset",
+                                lambda m, ctx: m.snn_accuracy(*ctx.split("train")[1:], *ctx.split("test")[1:]))}
 
     @torch.no_grad()
     def snn_accuracy(self, train_images: Tensor, train_labels: Tensor, test_images: Tensor,

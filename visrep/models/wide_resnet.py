@@ -41,7 +41,8 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"a Wide ResNet has depth 6n + 4, got {depth}")
         self.arch = dict(depth=depth, widen_factor=widen_factor, dropout=dropout, in_chans=in_chans)
-        blocks_per_stage = (depth - 4) // 6
+        # official ``_wide_layer``: ``[stride] + [1] * (int(n) - 1)`` -- one block per stage even for depth 4
+        blocks_per_stage = max(1, (depth - 4) // 6)
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_chans, widths[0], kernel_size=3, padding=1, bias=True)
         in_planes = widths[0]
