@@ -73,7 +73,32 @@ def test_forward_process_matches_closed_form():
     x0, eps = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1, torch.randn(5, 3, 8, 8, generator=g)
     t = torch.tensor([0, 1, 250, 500, 999])
     want = abar[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * eps
-    torch.testing.assert_close(method.scheduler.add_noise(x0, eps, t), want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.schedule.q_sample(x0, t, eps), want.float(), rtol=1e-5, atol=1e-5)
+    # float64 inputs: the coefficients are float32-rounded (as the official code), nothing else
+    got = method.schedule.q_sample(x0.double(), t, eps.double())
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+    assert got.dtype == torch.float64
+
+
+def test_vb_term_vanishes_for_the_true_posterior_and_trains_only_the_variance():
+    """KL(q || p) is 0 when the model's eps is the true noise and its variance the posterior's (v = -1), and
+    grows with a wrong variance; at t = 0 the term is the decoder NLL; the eps channels get no vb gradient."""
+    cfg = tiny()
+    method = build_method(cfg, INFO).double()
+    assert method.dit.out_chans == 6 and cfg.method.learn_sigma
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 400, 999])
+    s = method.schedule
+    x_t = s.q_sample(x0, t, eps)
+    vb = s.vb_terms(x0, x_t, t, eps, -torch.ones_like(x0))
+    assert vb[1:].abs().max() < 1e-5 and vb[0] > 0                   # KL ~ 0 (float32 coefficients); t=0: NLL
+    worse = s.vb_terms(x0, x_t, t, eps, torch.ones_like(x0))         # the beta_t end of the range
+    assert (worse[1:] > vb[1:]).all()
+    out = torch.zeros(4, 6, 8, 8, dtype=torch.float64, requires_grad=True)
+    s.vb_terms(x0, x_t, t, out[:, :3].detach(), out[:, 3:]).sum().backward()
+    assert out.grad[:, :3].abs().max() == 0 and out.grad[:, 3:].abs().max() > 0
 
 
 def test_prepare_batch_draws_from_the_generator_only():
@@ -107,7 +132,7 @@ def test_classifier_free_guidance():
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([5, 300, 900]), torch.tensor([0, 2, 5])
     null = torch.full_like(y, method.dit.null_class)
-    cond, uncond = method.ema(x, t, y), method.ema(x, t, null)
+    cond, uncond = method.ema(x, t, y)[:, :3], method.ema(x, t, null)[:, :3]   # eps channels (learn_sigma)
     assert not torch.allclose(cond, uncond)
     torch.testing.assert_close(method.guided_eps(x, t, y, 1.0), cond)
     torch.testing.assert_close(method.guided_eps(x, t, y, 0.0), uncond, rtol=1e-5, atol=1e-6)

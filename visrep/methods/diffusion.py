@@ -11,8 +11,11 @@ patches, each pixel (or latent pixel) a token.
         t  ~ Uniform{0, ..., T-1}             # one timestep per sample
         eps ~ N(0, I)
         y  = label, replaced by the null class with probability class_dropout (CFG training)
-        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          # diffusers DDPMScheduler.add_noise
-        loss = || eps - DiT(x_t, t, y) ||^2                   # the simple (epsilon) objective
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          # q_sample
+        eps_hat, v = DiT(x_t, t, y)                           # v: DiT's learned variance (learn_sigma)
+        mse = mean_{C,H,W} (eps - eps_hat)^2                  # the simple (epsilon) objective
+        vb  = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))  # bits/dim, eps_hat detached; t = 0: decoder NLL
+        loss = mean_batch(mse + vb)                           # (mse alone without learn_sigma)
         AdamW step; ema <- m * ema + (1 - m) * DiT           # m = min(ema, (1 + s) / (10 + s))
 
     Sampling (the EMA DiT; diffusers DDPMScheduler or DDIMScheduler over sample_steps steps):
@@ -22,11 +25,16 @@ patches, each pixel (or latent pixel) a token.
             x_{t-1} = scheduler.step(eps, t, x_t)
         image = (x_0 + 1) / 2 (VAE: decode(x_0 / scale) first) -> uint8
 
-The noise schedule, ``add_noise`` and the sampler steps are diffusers' (a well-kept library), not
-hand-written. The DiT's size is the ``model`` section (``patch_size``, ``embed_dim``, ``depth``,
-``num_heads``, ``mlp_ratio``, ``pos_embed``, ``grad_checkpointing``); ``patch_size: 1`` makes every
-pixel a token. ``learn_sigma`` (DiT's learned variance, trained with the VLB term) is supported by
-:class:`visrep.models.DiT` for loading such models but not trained here: epsilon prediction only.
+Training follows the official DiT code (facebookresearch/DiT ``train.py`` +
+``diffusion/gaussian_diffusion.py:training_losses`` with ``create_diffusion(timestep_respacing="")``):
+the float64 schedule tables of :class:`NoiseSchedule` (whose coefficients are rounded to float32 when
+taken, as the official ``_extract_into_tensor``), ``learn_sigma`` (default, as DiT) doubles the output
+channels and adds the variational-bound term ``vb`` with the "learned range" variance
+(``rescale_learned_sigmas``: the official RESCALED_MSE, vb x T / 1000). Our ``linear`` schedule takes
+``beta_start`` / ``beta_end`` as given (the official one scales 1e-4 / 0.02 by 1000 / T). The sampler
+steps are diffusers' (a well-kept library); sampling uses the epsilon channels only (fixed variance).
+The DiT's size is the ``model`` section (``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
+``mlp_ratio``, ``pos_embed``, ``grad_checkpointing``); ``patch_size: 1`` makes every pixel a token.
 
 Latent diffusion: ``method.vae`` names a local folder holding a diffusers ``AutoencoderKL``
 (``config.json`` + weights, e.g. ``stabilityai/sd-vae-ft-ema`` saved with ``save_pretrained``); it
@@ -40,12 +48,13 @@ mean-pooled (PiT / DiT representation probes use such pooled intermediate tokens
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.data.transforms import batch_resize_center_crop
@@ -63,6 +72,8 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"   # DDPM / DiT: linear
     beta_start: float = 1.0e-4
     beta_end: float = 0.02
+    learn_sigma: bool = True                # DiT: learned variance channels trained by the VLB term
+    rescale_learned_sigmas: bool = False    # official RESCALED_MSE: the VLB term times T / 1000
     class_cond: bool = True                 # condition on labels when the dataset has classes
     class_dropout: float = 0.1              # label -> null class with this probability (CFG training)
     hflip: bool = False                     # random horizontal flips (DiT on ImageNet: true)
@@ -80,6 +91,93 @@ class DiffusionConfig:
 def classifier_free_guidance(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
     """``eps_uncond + scale * (eps_cond - eps_uncond)`` (scale 1: the conditional prediction)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def beta_schedule(name: str, steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """float64 betas: ``linear`` (DDPM), ``scaled_linear`` (linear in sqrt(beta)) or ``squaredcos_cap_v2``
+    (Nichol & Dhariwal's cosine alpha-bar, each beta capped at 0.999)."""
+    if name == "linear":
+        return np.linspace(beta_start, beta_end, steps, dtype=np.float64)
+    if name == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=np.float64) ** 2
+    if name == "squaredcos_cap_v2":
+        def abar(u):
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999) for i in range(steps)])
+    raise ValueError(f"unknown beta schedule {name!r}")
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log P(x) (nats) of data in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)), with the tanh
+    approximation of the normal CDF; the edge bins extend to -inf / +inf (x < -0.999 / x > 0.999)."""
+    def cdf(v):
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
+
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1.0 / 255.0)), cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the first: [B, ...] -> [B]."""
+    return x.mean(dim=list(range(1, x.dim())))
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) and its posterior q(x_{t-1} | x_t, x_0), tables in float64 (not module
+    state: they follow the config, never a checkpoint). Betas are re-derived from the cumulative product of
+    alphas, as the official ``create_diffusion`` does (``SpacedDiffusion`` keeping every step), and
+    :meth:`take` rounds a coefficient to float32 before using it, as the official ``_extract_into_tensor``."""
+
+    def __init__(self, betas: np.ndarray):
+        abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        tables = {
+            "sqrt_abar": np.sqrt(abar), "sqrt_one_minus_abar": np.sqrt(1.0 - abar),
+            "sqrt_recip_abar": np.sqrt(1.0 / abar), "sqrt_recipm1_abar": np.sqrt(1.0 / abar - 1),
+            "posterior_log_variance": np.log(np.append(post_var[1], post_var[1:])),
+            "posterior_coef_x0": betas * np.sqrt(abar_prev) / (1.0 - abar),
+            "posterior_coef_xt": (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            "log_betas": np.log(betas),
+        }
+        self.num_timesteps = len(betas)
+        self.tables = {k: torch.from_numpy(v) for k, v in tables.items()}
+
+    def take(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Table ``name`` at timesteps ``t`` [B], float32-rounded, shaped [B, 1, ...] for ``like``, in its dtype."""
+        v = self.tables[name].to(t.device)[t].float().to(like.dtype)
+        return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        return self.take("sqrt_abar", t, x0) * x0 + self.take("sqrt_one_minus_abar", t, x0) * noise
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.take("posterior_coef_x0", t, x_t) * x0 + self.take("posterior_coef_xt", t, x_t) * x_t
+
+    def vb_terms(self, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, var_values: Tensor) -> Tensor:
+        """Per-sample variational-bound term in bits/dim (DiT / improved DDPM ``_vb_terms_bpd`` with the
+        "learned range" variance): KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the discretised
+        decoder NLL of x0 at t = 0. ``var_values`` in [-1, 1] interpolate the log variance between the
+        clipped posterior variance and beta_t; the mean comes from ``eps`` (pass it detached)."""
+        min_log = self.take("posterior_log_variance", t, x_t)
+        max_log = self.take("log_betas", t, x_t)
+        frac = (var_values + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        pred_x0 = self.take("sqrt_recip_abar", t, x_t) * x_t - self.take("sqrt_recipm1_abar", t, x_t) * eps
+        mean = self.posterior_mean(pred_x0, x_t, t)
+        kl = mean_flat(normal_kl(self.posterior_mean(x0, x_t, t), min_log, mean, log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
 
 
 def _require_diffusers():
@@ -169,12 +267,13 @@ class Diffusion(Method):
         num_classes = (self.data_info.num_classes or 0) if m.class_cond else 0
         self.dit = DiT(img_size=size, patch_size=mc.patch_size, in_chans=chans, embed_dim=mc.embed_dim,
                        depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio, num_classes=num_classes,
-                       pos_embed=mc.pos_embed, qkv_bias=mc.qkv_bias)
+                       pos_embed=mc.pos_embed, qkv_bias=mc.qkv_bias, learn_sigma=m.learn_sigma)
         self.dit.grad_checkpointing = mc.grad_checkpointing
         self.ema = make_target(self.dit)
         self.scheduler = diffusers.DDPMScheduler(
             num_train_timesteps=m.num_train_timesteps, beta_schedule=m.beta_schedule, beta_start=m.beta_start,
             beta_end=m.beta_end, prediction_type="epsilon", clip_sample=self.vae is None)
+        self.schedule = NoiseSchedule(beta_schedule(m.beta_schedule, m.num_train_timesteps, m.beta_start, m.beta_end))
 
     def __setattr__(self, name, value):
         if name == "vae" and isinstance(value, nn.Module):  # keep the frozen VAE out of the state dict
@@ -215,18 +314,37 @@ class Diffusion(Method):
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, x0.dtype)
         labels = None
         if self.conditional:
-            null = self.dit.null_class
-            drop = (torch.rand(n, generator=generator) < self.cfg.class_dropout).to(device)
-            labels = batch["label"].to(device)
-            labels = torch.where(drop | (labels < 0), torch.full_like(labels, null), labels)
+            labels = self.drop_labels(batch["label"].to(device), torch.rand(n, generator=generator).to(device))
         return {**batch, "x0": x0, "noise": noise, "timesteps": t, "labels": labels}
 
+    def drop_labels(self, labels: Tensor, uniform: Tensor) -> Tensor:
+        """Labels with classifier-free-guidance dropout: the null class where ``uniform`` [B] < class_dropout
+        (the official ``LabelEmbedder.token_drop`` draw) and for unlabelled images (label -1)."""
+        drop = (uniform < self.cfg.class_dropout) | (labels < 0)
+        return torch.where(drop, torch.full_like(labels, self.dit.null_class), labels)
+
     # -- training --------------------------------------------------------------------------------
-    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+    def loss_terms(self, batch: dict) -> dict[str, Tensor]:
+        """Per-sample terms [B] of the official ``training_losses``: ``mse`` (epsilon), ``vb`` (with
+        learn_sigma) and ``loss`` (their sum); computed in at least float32 (autocast outputs are upcast)."""
         x0, noise, t = batch["x0"], batch["noise"], batch["timesteps"]
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        eps = self.dit(x_t, t, batch["labels"])[:, :x0.shape[1]]
-        return {"loss": F.mse_loss(eps, noise)}  # autocast computes it in float32
+        x_t = self.schedule.q_sample(x0, t, noise)
+        out = self.dit(x_t, t, batch["labels"])
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        c = x0.shape[1]
+        eps = out[:, :c]
+        terms = {"mse": mean_flat((noise.to(out.dtype) - eps) ** 2)}
+        if self.dit.out_chans > c:  # learn_sigma: the VLB term trains the variance, not the mean
+            vb = self.schedule.vb_terms(x0.to(out.dtype), x_t.to(out.dtype), t, eps.detach(), out[:, c:2 * c])
+            if self.cfg.rescale_learned_sigmas:
+                vb = vb * (self.schedule.num_timesteps / 1000.0)
+            terms["vb"] = vb
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
+        terms = self.loss_terms(batch)
+        return {"loss": terms["loss"].mean(), **{k: v.detach().mean() for k, v in terms.items() if k != "loss"}}
 
     def param_groups(self) -> list[dict]:
         return decay_groups(self.dit)
@@ -325,4 +443,5 @@ def load_vae_config(path: str | Path) -> dict:
     return cfg
 
 
-__all__ = ["Diffusion", "DiffusionConfig", "classifier_free_guidance", "load_vae"]
+__all__ = ["Diffusion", "DiffusionConfig", "NoiseSchedule", "beta_schedule", "classifier_free_guidance",
+           "discretized_gaussian_log_likelihood", "load_vae", "normal_kl"]
