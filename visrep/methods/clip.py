@@ -76,8 +76,11 @@ class SigLIPConfig(VisionLanguageConfig):
 
 
 def no_decay_open_clip(name: str, p: Tensor) -> bool:
-    """open_clip's exclusion: tensors with < 2 dims (norms, gains), biases and the logit scale / bias."""
-    return p.ndim < 2 or "bias" in name or "logit_scale" in name
+    """open_clip's exclusion (``open_clip_train/main.py``: ``p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
+    or "logit_scale" in n``): tensors with < 2 dims in the official layout (norms, gains, the class token),
+    biases and the logit scale / bias. Our [CLS] token is ``[1, 1, width]``, open_clip's ``class_embedding``
+    ``[width]``: excluded too (Llip's mixture tokens are 2-D ``[K, width]`` officially and stay decayed)."""
+    return p.ndim < 2 or "bias" in name or "logit_scale" in name or name.endswith("cls_token")
 
 
 class VisionLanguage(Method):
