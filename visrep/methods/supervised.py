@@ -111,7 +111,7 @@ class Supervised(Method):
 
     def soft_targets(self, labels: Tensor) -> Tensor:
         s, k = self.cfg.label_smoothing, self.num_classes
-        return F.one_hot(labels, k).float() * (1 - s) + s / k
+        return F.one_hot(labels, k).double() * (1 - s) + s / k  # cast to the logits' dtype by training_step
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         m, images, labels = self.cfg, batch["image"], batch["label"]
@@ -150,7 +150,8 @@ class Supervised(Method):
             images = self.normalize(images)
         targets = batch["target"].to(device, non_blocking=True)
         logits = self.logits(images)
-        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # float32 at least
+        loss = torch.sum(-targets.to(logp.dtype) * logp, dim=-1).mean()
         with torch.no_grad():
             acc = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
         return {"loss": loss, "train_top1": acc}
