@@ -255,11 +255,25 @@ def test_lowshot_cv_and_determinism():
 
 
 def test_select_l2_by_cv_prefers_regularisation_on_noise():
+    """Features without information: every l2 scores the same and the LARGEST (most regularised) wins.
+    Pure noise: every held-out score is near chance (scoring the training folds gives 100 % at l2=1e-3).
+    A class signal that only a weakly regularised fit can read (two dims share the noise; their
+    difference is clean): the small l2 wins by far, so a search that keeps the worst l2 fails too."""
+    grid = (1e-3, 1.0, 1e2)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 30, generator=g, dtype=torch.float64)
-    y = torch.arange(4).repeat_interleave(10)
-    best, scores = select_l2_by_cv(x, y, 4, grid=(1e-3, 1e3))
-    assert set(scores) == {1e-3, 1e3} and best in scores
+    y = torch.arange(4).repeat_interleave(5)
+    same = torch.randn(1, 30, generator=g, dtype=torch.float64).expand(20, 30)
+    best, scores = select_l2_by_cv(same, y, 4, grid=grid)
+    assert set(scores) == set(grid) and len(set(scores.values())) == 1 and best == max(grid)
+
+    noise = torch.randn(20, 60, generator=g, dtype=torch.float64)
+    best, scores = select_l2_by_cv(noise, y, 4, grid=grid)
+    assert best in grid and max(scores.values()) <= 60, scores
+
+    eps = 2 * torch.randn(20, generator=g, dtype=torch.float64)
+    x = torch.stack([y + eps, 10 * eps + 0.05 * torch.randn(20, generator=g, dtype=torch.float64)], 1)
+    best, scores = select_l2_by_cv(x, y, 4, grid=grid)
+    assert best == 1e-3 and scores[1e-3] >= 90 and scores[1e2] <= 50, scores
 
 
 # ----------------------------------------------------------------------------------- features
