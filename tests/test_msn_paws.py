@@ -34,7 +34,7 @@ def test_pmsn_is_msn_with_a_power_law_prior():
     w = torch.arange(1, k + 1, dtype=torch.float64) ** -0.25
     torch.testing.assert_close(pmsn.prior.double(), w / w.sum())
     flat = build_method(_cfg("pmsn", "method.prior_exponent=0"), INFO)
-    torch.testing.assert_close(flat.prior, torch.full((k,), 1.0 / k))
+    torch.testing.assert_close(flat.prior, torch.full((k,), 1.0 / k, dtype=torch.float64))
 
 
 def test_prototype_gradient_is_summed_over_processes(monkeypatch):
@@ -64,14 +64,36 @@ def test_bad_configs_are_rejected(name, override, words):
         _cfg(name, override)
 
 
+def _snn_by_hand(method, sup_x, sup_y, query_x, query_y) -> float:
+    """The paper's soft nearest-neighbour top-1 (%) written out: eval-mode embeddings after the heads,
+    cosine similarities / tau, softmax over the supports, one-hot labels, argmax."""
+    was = method.training
+    method.eval()
+    with torch.no_grad():
+        def emb(x):
+            return torch.nn.functional.normalize(method.embed([method.normalize(x)])[1], dim=1)
+
+        p = torch.softmax(emb(query_x) @ emb(sup_x).T / method.cfg.temperature, dim=1)
+        scores = p @ torch.nn.functional.one_hot(sup_y, method.num_classes).to(p)
+    method.train(was)
+    return (scores.argmax(1) == query_y).double().mean().item() * 100
+
+
 def test_paws_snn_accuracy_uses_the_training_labelled_subset():
+    torch.manual_seed(0)
     method = build_method(_cfg("paws"), INFO).eval()
     labels = torch.arange(6).repeat(10)
     idx = method.labelled_subset(labels)
     assert idx.numel() == 6 * 4 and torch.equal(labels[idx].bincount(), torch.full((6,), 4))
-    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8)
-    acc = method.snn_accuracy(images, labels, images[:12], labels[:12])
-    assert 0.0 <= acc <= 100.0
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8, generator=g)
+    # the queries are exact copies of training images OUTSIDE the labelled subset, with another label: supports
+    # taken from the whole training set would find each query's mislabelled twin
+    outside = torch.tensor([j for j in range(60) if j not in set(idx.tolist())][:12])
+    queries, query_labels = images[outside].clone(), (labels[outside] + 1) % 6
+    acc = method.snn_accuracy(images, labels, queries, query_labels)
+    assert acc == pytest.approx(_snn_by_hand(method, images[idx], labels[idx], queries, query_labels), abs=1e-4)
+    assert acc != pytest.approx(_snn_by_hand(method, images, labels, queries, query_labels), abs=1e-4)
 
 
 def test_long_tailed_subset_and_label_split_files(tmp_path):
@@ -128,7 +150,7 @@ def test_paws_resnet_backbone_trains_one_step():
 
 def test_snn_protocol_through_the_runner(tmp_path):
     from visrep.engine import train
-    from visrep.runner import evaluate_checkpoint, load_split
+    from visrep.runner import eval_context, evaluate_checkpoint, load_split, load_trained
 
     cfg = _cfg("paws", "train.max_steps=1", f"train.out_dir={tmp_path}")
     ds = load_split(cfg, "train")
@@ -137,7 +159,13 @@ def test_snn_protocol_through_the_runner(tmp_path):
     result = train(cfg, method, ds)
     out, _ = evaluate_checkpoint([result.checkpoint], protocols=["snn"], out_dir=str(tmp_path / "eval"))
     (value,) = out["method_protocols"].values()
-    assert 0.0 <= value <= 100.0
+    # the same number by hand: the checkpoint's network, supports = the labelled subset of the training split,
+    # queries = the test split
+    ckpt_cfg, trained, _ = load_trained(result.checkpoint)
+    ctx = eval_context(ckpt_cfg)
+    (_, x, y), (_, xt, yt) = ctx.split("train"), ctx.split("test")
+    idx = trained.labelled_subset(y)
+    assert value == pytest.approx(_snn_by_hand(trained, x[idx], y[idx], xt, yt), abs=1e-4)   # float32 mean
 
 
 def test_wide_resnet_28_2_shapes_keys_and_paws_backbone(tmp_path):
@@ -174,38 +202,53 @@ def test_wide_resnet_28_2_shapes_keys_and_paws_backbone(tmp_path):
 
 def test_finetune_subset_labelled_split_file_and_random(tmp_path):
     from visrep.data.subsets import write_label_split
-    from visrep.runner import _finetune_train_set, load_split
+    from visrep.runner import eval_context, load_split
 
-    g = torch.Generator().manual_seed(0)
+    def finetune_set(method, cfg):
+        return eval_context(cfg).finetune_set(method)
+
     cfg = _cfg("paws", "eval.finetune_subset=labelled", "eval.finetune_samples=7")
     y = load_split(cfg, "train").tensors()[1]
     method = build_method(cfg, INFO)
-    x, y2, keep = _finetune_train_set(method, cfg, "finetune", g)
+    x, y2, keep = finetune_set(method, cfg)
     assert torch.equal(y2, y) and torch.equal(keep, method.labelled_subset(y))   # the supports' pool
     split = write_label_split(tmp_path / "split.txt", torch.tensor([3, 1, 4]))
-    cfg_file = _cfg("paws", f"eval.finetune_subset={split}")
-    assert _finetune_train_set(method, cfg_file, "finetune", g)[2].tolist() == [3, 1, 4]
-    assert len(_finetune_train_set(method, _cfg("paws", "eval.finetune_samples=7"), "finetune", g)[2]) == 7
+    assert finetune_set(method, _cfg("paws", f"eval.finetune_subset={split}"))[2].tolist() == [3, 1, 4]
+    assert len(finetune_set(method, _cfg("paws", "eval.finetune_samples=7"))[2]) == 7
     bad = write_label_split(tmp_path / "bad.txt", torch.tensor([len(x)]))
     with pytest.raises(ValueError, match="outside"):
-        _finetune_train_set(method, _cfg("paws", f"eval.finetune_subset={bad}"), "finetune", g)
+        finetune_set(method, _cfg("paws", f"eval.finetune_subset={bad}"))
     msn_cfg = _cfg("msn", "eval.finetune_subset=labelled")
     with pytest.raises(ValueError, match="without a labelled subset"):
-        _finetune_train_set(build_method(msn_cfg, INFO), msn_cfg, "finetune", g)
+        finetune_set(build_method(msn_cfg, INFO), msn_cfg)
 
 
-def test_paws_finetune_on_its_labelled_subset_through_the_runner(tmp_path):
+def test_paws_finetune_on_its_labelled_subset_through_the_runner(tmp_path, monkeypatch):
+    import visrep.eval.finetune as finetune_module
     from visrep.engine import train
     from visrep.optim.groups import layer_decay_groups
     from visrep.runner import evaluate_checkpoint, load_split
 
     cfg = _cfg("paws", "train.max_steps=1", f"train.out_dir={tmp_path}")
     method = build_method(cfg, INFO)
+    train_x, train_y = load_split(cfg, "train").tensors()[:2]
     result = train(cfg, method, load_split(cfg, "train"))
+    calls, real = [], finetune_module.finetune_encoder
+
+    def spy(*args, **kwargs):   # pass-through: records what each fine-tuning run learns from and returns
+        out = real(*args, **kwargs)
+        calls.append((args[4], out["top1"]))
+        return out
+
+    monkeypatch.setattr(finetune_module, "finetune_encoder", spy)
     out, _ = evaluate_checkpoint([result.checkpoint], protocols=["finetune"], out_dir=str(tmp_path / "eval"),
                                  overrides=["eval.finetune_subset=labelled", "eval.finetune_epochs=2"])
     (value,) = out["method_protocols"].values()
-    assert set(value) == {"pretrained", "random init"} and all(0.0 <= v <= 100.0 for v in value.values())
+    assert set(value) == {"pretrained", "random init"} and len(calls) == 2
+    idx = method.labelled_subset(train_y)
+    for (x, y), _ in calls:     # both networks learn from exactly the images whose labels PAWS used
+        assert torch.equal(x, train_x[idx]) and torch.equal(y, train_y[idx])
+    assert sorted(value.values()) == sorted(top1 for _, top1 in calls)
     # a ResNet / WRN has no blocks: one lr throughout
     from visrep.models.wide_resnet import wide_resnet28_2
     groups = layer_decay_groups(wide_resnet28_2(), 0.75, lr=0.1)

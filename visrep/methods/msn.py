@@ -198,7 +198,8 @@ class MSN(Method):
         off = m.label_smoothing / k
         labels = torch.full((k, k), off).fill_diagonal_(1.0 - m.label_smoothing + off)
         self.register_buffer("proto_labels", labels, persistent=False)
-        prior = power_law_prior(k, m.prior_exponent) if m.prior == "power_law" else None
+        # float64 (cast where used): a float32 prior would be off by ~1e-8 in a float64 model
+        prior = power_law_prior(k, m.prior_exponent, dtype=torch.float64) if m.prior == "power_law" else None
         self.register_buffer("prior", prior, persistent=False)
         gs = self.rand_size // mc.patch_size
         self.num_patches, self.keep = gs * gs, num_kept(gs * gs, m.patch_drop) if m.patch_drop else 0
