@@ -62,6 +62,7 @@ def build_visrep(args, device, method: str = "ijepa"):
     import torch
 
     from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from visrep.engine.step import train_step
     from visrep.methods import DataInfo, Step
     from visrep.methods.ijepa import IJEPA, IJEPAConfig
     from visrep.methods.stop import StoP, StoPConfig
@@ -88,11 +89,7 @@ def build_visrep(args, device, method: str = "ijepa"):
         if method_name == "stop":  # the noise as prepare_batch draws it (per sample, on the device)
             batch["stop_noise"] = [torch.randn(imgs.size(0), 1, m.size(1), dim, device=device) * 0.25
                                    for m in masks_pred]
-        loss = method.training_step(batch, info)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        method.after_optimizer_step(info)
+        train_step(method, batch, info, opt)  # the engine's hook order (visrep.engine.step)
     return step
 
 
@@ -221,18 +218,12 @@ def build_official_stop(args, device):
 
 
 def _contract_step(method, opt, batch: dict):
-    """A method's full step through the contract hooks on a fixed prepared ``batch`` (the engine's
-    order: training_step, backward, before_optimizer_step, optimizer step, after_optimizer_step)."""
+    """A method's full step on a fixed prepared ``batch``: the engine's own ``train_step``."""
+    from visrep.engine.step import train_step
     from visrep.methods import Step
 
     def step(imgs, labels, masks_enc, masks_pred, i):
-        info = Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000)
-        loss = method.training_step(batch, info)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(info)
-        opt.step()
-        method.after_optimizer_step(info)
+        train_step(method, batch, Step(step=i, epoch=0, total_steps=10_000, steps_per_epoch=1000), opt)
     return step
 
 
