@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from test_contract import _one_step, _prepared, _worker, build, state, tiny_config
+from torch import Tensor
 
 from visrep.config import ConfigError
 from visrep.methods import Step
@@ -38,21 +40,60 @@ def _step(method, batch, step=0):
     return method.training_step(batch, Step(step=step, epoch=0, total_steps=10, steps_per_epoch=5))
 
 
-def test_loss_normalisation_and_lazy_center(tmp_path):
-    cfg = tiny_config("dinov2", tmp_path, "method.n_local_crops=0")
+def _expected_dino_terms(method, batch, n_local: int) -> tuple[Tensor, Tensor | None]:
+    """The official DINO terms recomputed from the modules: each student global crop against the teacher's
+    OTHER crop, every local crop against both teacher crops, the teacher's centre still zero (lazy update),
+    each cross-entropy a batch mean, normalised by the number of (student, teacher) crop pairs
+    ``(n_global - 1) * n_global + max(n_local * n_global, 1)`` (= 3 without local crops, 2 + 2 n_local with)."""
+    m, s, t = method.cfg, method.student, method.teacher
+    glob = batch["global_crops"].transpose(0, 1).flatten(0, 1)
+    masks = batch["masks"].transpose(0, 1).flatten(0, 1)
+    crop_a, crop_b = t["dino_head"](t["backbone"].forward_features(glob)["x_norm_clstoken"]).chunk(2)
+    targets = [F.softmax(x / method.teacher_temp(0), dim=-1) for x in (crop_b, crop_a)]  # swapped
+    student = s["dino_head"](s["backbone"].forward_features(glob, mask=masks)["x_norm_clstoken"]).chunk(2)
+
+    def ce(logits, p):
+        return -(p * F.log_softmax(logits / m.student_temp, dim=-1)).sum(-1).mean()
+
+    pairs = (2 - 1) * 2 + max(n_local * 2, 1)
+    glob_term = sum(ce(x, p) for x, p in zip(student, targets)) / pairs
+    if not n_local:
+        return glob_term, None
+    loc = batch["local_crops"].transpose(0, 1).flatten(0, 1)
+    local = s["dino_head"](s["backbone"].forward_features(loc)["x_norm_clstoken"]).chunk(n_local)
+    return glob_term, sum(ce(x, p) for x in local for p in targets) / pairs
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_loss_normalisation_and_lazy_center(tmp_path, n_local):
+    cfg = tiny_config("dinov2", tmp_path, f"method.n_local_crops={n_local}", "model.drop_path_rate=0")
     method, ds = build(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every weight matters (at init LayerScale makes every [CLS] output nearly the same)
+        for p in [*method.student.parameters(), *method.teacher.parameters()]:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
     images = ds.tensors()[0][:6]
     batch = method.prepare_batch({"image": images, "label": torch.zeros(6, dtype=torch.long)},
                                  torch.Generator().manual_seed(0))
-    assert batch["global_crops"].shape[:2] == (6, 2) and "local_crops" not in batch
+    assert batch["global_crops"].shape[:2] == (6, 2) and ("local_crops" in batch) == bool(n_local)
     masks = batch["masks"].flatten(0, 1)
     assert int((masks.sum(-1) > 0).sum()) == 6  # half of the 12 global crops are masked
+    with torch.no_grad():
+        glob_term, local_term = _expected_dino_terms(method, batch, n_local)
     out = _step(method, batch)
-    # with no local crops the official normaliser is 2 + max(0, 1) = 3: the global term is CE * 2 / 3
-    assert "dino_local_crops_loss" not in out
+    torch.testing.assert_close(out["dino_global_crops_loss"], glob_term, rtol=1e-5, atol=1e-6)
+    if n_local:
+        torch.testing.assert_close(out["dino_local_crops_loss"], local_term, rtol=1e-5, atol=1e-6)
+    else:
+        assert "dino_local_crops_loss" not in out
+    m = cfg.method
+    total = m.dino_loss_weight * (glob_term + (local_term if n_local else 0)) + out["koleo_loss"] \
+        + m.ibot_loss_weight * out["ibot_loss"]
+    torch.testing.assert_close(out["loss"].detach(), total, rtol=1e-5, atol=1e-6)
+    # the centre is updated lazily: still zero after the first step, folded in at the next call
     assert method.dino_center.has_pending and torch.count_nonzero(method.dino_center.center) == 0
     _step(method, batch, 1)
-    assert torch.count_nonzero(method.dino_center.center) > 0  # folded in at the next call
+    assert torch.count_nonzero(method.dino_center.center) > 0
 
 
 def test_param_groups_and_schedules(tmp_path):
@@ -159,3 +200,18 @@ def test_batch_subset_drop_path_matches_the_official_rule():
     z = y.clone()
     z[i2] += 5 / 3 * blk.ls2(blk.mlp(blk.norm2(y[i2])))
     torch.testing.assert_close(got, z)
+
+
+def test_global_crops_masked_without_ibot(tmp_path):
+    """As the official collate + forward_backward: the student's global crops carry the iBOT masks even
+    with ``ibot_loss_weight=0`` (the mask token then gets a gradient through the DINO and KoLeo terms)."""
+    cfg = tiny_config("dinov2", tmp_path, "method.ibot_loss_weight=0")
+    method, ds = build(cfg)
+    images = ds.tensors()[0][:4]
+    batch = method.prepare_batch({"image": images, "label": torch.zeros(4, dtype=torch.long)},
+                                 torch.Generator().manual_seed(0))
+    assert int((batch["masks"].flatten(0, 1).sum(-1) > 0).sum()) == 4  # half of the 8 global crops
+    out = _step(method, batch)
+    assert "ibot_loss" not in out
+    out["loss"].backward()
+    assert method.student["backbone"].mask_token.grad.abs().sum() > 0
