@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.data.transforms import batch_random_resized_crop
+from visrep.errors import ConfigError
 from visrep.losses.contrastive import clip_loss, siglip_loss
 from visrep.models import Normalize
 from visrep.models.text import TextTransformer, Tokenizer
@@ -93,8 +94,6 @@ class VisionLanguage(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         mc, m = cfg.model, cfg.method
         if mc.num_registers or mc.class_token:
             raise ConfigError("vision-language methods set the tower's prefix tokens themselves: model.class_token "
@@ -106,7 +105,7 @@ class VisionLanguage(Method):
             raise ConfigError(f"method.context_length={m.context_length} must be >= 3 (start, a word, end)")
 
     def __init__(self, cfg, data_info: DataInfo):
-        from visrep.hub import clip_vit
+        from visrep.models.presets import clip_vit
 
         super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from visrep.data.transforms import batch_resize_center_crop
+from visrep.errors import ConfigError
 from visrep.models.dit import DiT
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups
@@ -184,8 +185,6 @@ def _require_diffusers():
     try:
         import diffusers
     except ImportError:
-        from visrep.config import ConfigError
-
         raise ConfigError("method.name=diffusion needs the diffusers package: "
                           "pip install 'visrep[diffusion]'") from None
     return diffusers
@@ -193,8 +192,6 @@ def _require_diffusers():
 
 def load_vae(path: str | Path) -> nn.Module:
     """A frozen diffusers ``AutoencoderKL`` from a local folder (never downloaded)."""
-    from visrep.config import ConfigError
-
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(f"method.vae={str(path)!r}: no diffusers AutoencoderKL there (a folder with config.json "
@@ -211,8 +208,6 @@ class Diffusion(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         _require_diffusers()
         m, mc = cfg.method, cfg.model
         if mc.class_token or mc.num_registers:
@@ -429,8 +424,6 @@ class Diffusion(Method):
 def load_vae_config(path: str | Path) -> dict:
     """The VAE's ``config.json`` (validation reads its geometry without loading the weights)."""
     import json
-
-    from visrep.config import ConfigError
 
     p = Path(path).expanduser() / "config.json"
     if not p.is_file():

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from visrep.data.masks import MultiBlockMaskCollator
 from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
+from visrep.errors import ConfigError
 from visrep.eval.finetune import AttentivePooler, train_classifier
 from visrep.eval.protocols import Protocol
 from visrep.losses import jepa_loss, normalized_targets
@@ -137,8 +138,6 @@ class IJEPA(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         mc, m = cfg.model, cfg.method
         if mc.class_token or mc.num_registers:
             raise ConfigError("I-JEPA predicts patch tokens only: model.class_token must be false and "

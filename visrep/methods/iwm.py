@@ -31,6 +31,7 @@ from torch import Tensor
 
 from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
 from visrep.data.views import NUM_PARAMS, PhotometricSpec, action, iwm_views, photometric
+from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
 from visrep.eval.world_model import reciprocal_ranks
 from visrep.losses import normalized_targets
@@ -63,8 +64,6 @@ class IWM(IJEPA):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         super().validate(cfg)
         try:
             cls.view_specs(cfg.method)

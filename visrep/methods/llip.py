@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visrep.errors import ConfigError
 from visrep.losses.contrastive import llip_logits, llip_loss, per_token_projection, split_heads
 
 from .base import DataInfo
@@ -90,8 +91,6 @@ class Llip(VisionLanguage):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         super().validate(cfg)
         m = cfg.method
         if m.num_mixture_tokens < 1:

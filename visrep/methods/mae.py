@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from visrep.data.transforms import batch_random_resized_crop
+from visrep.errors import ConfigError
 from visrep.models import Normalize, Predictor, apply_masks, vit_from_config
 from visrep.models.vit import attention_backend, block_tail, run_blocks
 from visrep.optim.groups import decay_groups
@@ -107,8 +108,6 @@ class MAE(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         m = cfg.method
         if not 0 < m.mask_ratio < 1:
             raise ConfigError(f"method.mask_ratio={m.mask_ratio} must be in (0, 1)")
@@ -125,8 +124,6 @@ class MAE(Method):
         self.patch_size = mc.patch_size
         chans = self.data_info.in_chans
         if m.norm_pix_loss and mc.patch_size ** 2 * chans == 1:
-            from visrep.config import ConfigError
-
             raise ConfigError("method.norm_pix_loss normalises each patch by its own statistics: a patch of one "
                               "grey pixel (model.patch_size=1, 1 channel) would become 0; turn it off")
         self.normalize = Normalize(self.data_info.mean, self.data_info.std)

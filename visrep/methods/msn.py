@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from visrep import distributed as D
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.data.views import PhotometricSpec, photometric
+from visrep.errors import ConfigError
 from visrep.losses import msn_loss, power_law_prior
 from visrep.models import Normalize, vit_from_config
 from visrep.models.projection import ProjectionHead
@@ -155,8 +156,6 @@ class MSN(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         mc, m = cfg.model, cfg.method
         rand = m.rand_size or cfg.data.image_size
         check_vit_config(cfg, {"method.rand_size": rand, "method.focal_size": m.focal_size},

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from visrep.data.views import PhotometricSpec
+from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
 from visrep.losses import paws_loss, smoothed_one_hot, snn
 from visrep.models import Normalize, vit_from_config
@@ -91,8 +92,6 @@ class PAWS(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         m, mc = cfg.method, cfg.model
         if m.backbone == "vit" and not mc.class_token:
             raise ConfigError("PAWS (ViT backbone) represents an image by its [CLS] token: "

@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from visrep.errors import ConfigError
+
 from .ijepa import IJEPA, IJEPAConfig
 
 
@@ -50,8 +52,6 @@ class StoP(IJEPA):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         super().validate(cfg)
         m = cfg.method
         if m.stop_sigma < 0:

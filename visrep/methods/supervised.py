@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.data.transforms import batch_random_resized_crop
+from visrep.errors import ConfigError
 from visrep.models import Normalize, vit_from_config
 from visrep.optim.groups import decay_groups
 
@@ -59,8 +60,6 @@ class Supervised(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         m = cfg.method
         check_vit_config(cfg, class_token="method.pool=cls pools the [CLS] token" if m.pool == "cls" else None)
         if not 0 <= m.label_smoothing < 1:
