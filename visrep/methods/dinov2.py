@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from visrep.data.masks import IBOTMaskGenerator
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.data.views import PhotometricSpec, photometric
+from visrep.errors import ConfigError
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
 from visrep.models import Normalize, vit_from_config
 from visrep.models.heads import DINOHead
@@ -180,8 +181,6 @@ class DINOv2(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        from visrep.config import ConfigError
-
         m = cfg.method
         check_vit_config(cfg, {"data.image_size": cfg.data.image_size, "method.local_crop_size": m.local_crop_size},
                          class_token="DINOv2's losses read the [CLS] token")
