@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from test_learning import needs_fmnist
+from test_learning import SEEDED, needs_fmnist
 
 FIRST, STEPS, N = 20, 300, 400
 
@@ -37,7 +37,7 @@ def test_dit_lowers_domain_fid_below_its_first_checkpoint(tmp_path, monkeypatch)
     t0 = time.perf_counter()
     base = ["model.patch_size=2", "model.pos_embed=sincos", "data.train_subset=10000", "train.epochs=1",
             "train.max_minutes=null", "train.progress=false", f"train.out_dir={tmp_path / 'run'}",
-            "train.ckpt_every=100000", "train.batch_size=32", "optim.lr=3e-3", "method.ema=0.99"]
+            "train.ckpt_every=100000", "train.batch_size=32", "optim.lr=3e-3", "method.ema=0.99", *SEEDED]
     _, first = pretrain(load_config("diffusion/fashion_mnist", base + [f"train.max_steps={FIRST}"]))
     shutil.copy(first.checkpoint, tmp_path / "first.pt")
     _, last = pretrain(load_config("diffusion/fashion_mnist", base + [f"train.max_steps={STEPS}"]), resume=True)

@@ -14,12 +14,13 @@ this 2-core CPU; full resolution (784 tokens) is the locality study's (benchmark
 from __future__ import annotations
 
 import pytest
-from test_learning import needs_fmnist
+from test_learning import SEEDED, needs_fmnist
 
 from visrep.cli import resolve_config
 
 SMALL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "train.batch_size=64", "train.epochs=1",
-         "train.max_minutes=null", "train.progress=false", "train.ckpt_every=100000", "optim.warmup_epochs=0.01"]
+         "train.max_minutes=null", "train.progress=false", "train.ckpt_every=100000",
+         "optim.warmup_epochs=0.01", *SEEDED]
 
 
 def _probe(method, cfg, n_train: int = 5000, n_test: int = 2000) -> dict[str, tuple[float, float]]:

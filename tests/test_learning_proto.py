@@ -11,7 +11,7 @@ Measured here (msn/fashion_mnist): this test (150 steps, 2 focal views, 5k/2k su
 from __future__ import annotations
 
 import pytest
-from test_learning import needs_fmnist
+from test_learning import SEEDED, needs_fmnist
 
 from visrep.cli import resolve_config
 
@@ -30,7 +30,7 @@ def test_msn_beats_random_init_on_5shot(tmp_path):
     cfg = load_config(resolve_config("msn/fashion_mnist"),
                       [f"train.max_steps={STEPS}", "train.max_minutes=null", "train.progress=false",
                        f"train.out_dir={tmp_path}", "train.ckpt_every=100000", "train.epochs=1",
-                       "method.focal_views=2"])
+                       "method.focal_views=2", *SEEDED])
     method, result = pretrain(cfg)
     assert result.step == STEPS
     random_init = method.random_init_baseline()
@@ -63,7 +63,7 @@ def test_paws_beats_random_init_on_soft_nn(tmp_path):
 
     cfg = load_config(resolve_config("paws/fashion_mnist"),
                       [f"train.max_steps={PAWS_STEPS}", "train.max_minutes=null", "train.progress=false",
-                       f"train.out_dir={tmp_path}", "train.ckpt_every=100000", "train.epochs=1"])
+                       f"train.out_dir={tmp_path}", "train.ckpt_every=100000", "train.epochs=1", *SEEDED])
     method, result = pretrain(cfg)
     assert result.step == PAWS_STEPS
     random_init = method.random_init_baseline()
