@@ -8,8 +8,9 @@
   a suite that passes by skipping proves nothing. Tests ask for a requirement with a marker, no import
   needed: ``@pytest.mark.fashion_mnist`` (Debian's ``dataset-fashion-mnist``),
   ``@pytest.mark.requires("faiss")`` (an optional dependency; ``pytestmark = ...`` for a whole module),
-  ``@pytest.mark.unavailable("reason")`` (anything else, e.g. a fixture kind with no fixture). Code that
-  must decide at import time calls :func:`require` / :func:`require_fashion_mnist` directly.
+  ``@pytest.mark.unavailable("reason")`` (anything else, e.g. a fixture kind with no fixture); the markers
+  are declared in pyproject.toml. Code that must decide at import time calls :func:`require` /
+  :func:`require_fashion_mnist` directly.
 * Parity fixtures (``tests/parity``, :mod:`parity_helpers`): a session that collects parity tests also
   runs ``parity-fixtures::integrity`` first (the directory exists -- a skip locally, a failure under
   ``CI=true`` --, every sidecar parses and has ``kind`` and a ``tensors`` block listing exactly the keys
@@ -76,13 +77,6 @@ def require_fashion_mnist() -> Path:
     if problem:
         missing(problem, INSTALL_FASHION_MNIST)
     return FASHION_MNIST_DIR
-
-
-def pytest_configure(config):
-    for line in ("fashion_mnist: needs Debian's Fashion-MNIST (skipped when missing; a failure under CI=true)",
-                 "requires(*modules): needs these optional modules (skipped when missing; a failure under CI=true)",
-                 "unavailable(reason): nothing to test here (skipped; a failure under CI=true)"):
-        config.addinivalue_line("markers", line)
 
 
 def pytest_runtest_setup(item):
