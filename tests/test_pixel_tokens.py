@@ -172,9 +172,15 @@ def test_layer_decay_groups():
     assert len(scale) == sum(p.requires_grad for p in [*vit.parameters(), *head.parameters()])
 
 
-def test_finetune_protocol_through_the_runner(tmp_path):
+def test_finetune_protocol_through_the_runner(tmp_path, monkeypatch):
+    """The runner's ``finetune`` protocol fine-tunes the TRAINED encoder ("pretrained") and a fresh one ("random
+    init") and reports, under each name, the top-1 that the fine-tuned classifier really has on the test split
+    (recomputed here by spies around the real functions; each call's number is tagged so that a swap of the two
+    results fails even when both accuracies coincide)."""
+    import visrep.eval.finetune as ft
     from visrep.engine import train
-    from visrep.runner import _method_protocol, data_info, load_split
+    from visrep.eval import protocols as P
+    from visrep.runner import data_info, eval_context, load_split
 
     cfg = load_config("visrep/configs/mae/tiny.yaml", [f"train.out_dir={tmp_path}", "train.max_steps=2",
                                                        "eval.finetune_epochs=1", "eval.finetune_samples=64"])
@@ -182,8 +188,43 @@ def test_finetune_protocol_through_the_runner(tmp_path):
     method = build_method(cfg, data_info(cfg, ds))
     train(cfg, method, ds)
     before = {k: v.clone() for k, v in method.state_dict().items()}
-    out = _method_protocol("finetune", method, cfg)
-    assert set(out) == {"pretrained", "random init"} and all(0 <= v <= 100 for v in out.values())
+    _, test_images, test_labels = eval_context(cfg).split("test")
+    calls = {}
+    real_finetune, real_train = ft.finetune_encoder, ft.train_classifier
+
+    def spy_finetune(network, vit, feature_dim, num_classes, train_set, test_set, *args, desc, **kwargs):
+        xs = train_set[0][:4]
+        was = network.training
+        with torch.no_grad():
+            feats = network.eval()(xs)
+        network.train(was)
+        calls[desc] = {"vit": {k: v.clone() for k, v in vit.state_dict().items()}, "feats": feats,
+                       "ref": method.features(xs)}
+        return real_finetune(network, vit, feature_dim, num_classes, train_set, test_set, *args, desc=desc, **kwargs)
+
+    def spy_train(model, groups, train_set, test_set, *args, desc, **kwargs):
+        out = real_train(model, groups, train_set, test_set, *args, desc=desc, **kwargs)
+        assert torch.equal(test_set[0], test_images) and torch.equal(test_set[1], test_labels)
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(xb).argmax(-1) for xb in test_images.split(64)])
+        top1 = 100.0 * (pred == test_labels).double().mean().item()
+        assert out["top1"] == pytest.approx(top1, abs=1e-9), desc              # what it measured is real
+        # a distinct tag per call traces which call's number the protocol reports under which name
+        calls[desc]["top1"] = top1 + 1e-3 * len([c for c in calls.values() if "top1" in c]) + 1e-3
+        return {**out, "top1": calls[desc]["top1"]}
+
+    monkeypatch.setattr(ft, "finetune_encoder", spy_finetune)
+    monkeypatch.setattr(ft, "train_classifier", spy_train)
+    out = P.run("finetune", method, eval_context(cfg))
+    assert set(out) == {"pretrained", "random init"}
+    pre, rnd = calls["fine-tune (pretrained)"], calls["fine-tune (random init)"]
+    for name, call in (("pretrained", pre), ("random init", rnd)):
+        assert out[name] == pytest.approx(call["top1"], abs=1e-9), name   # this net's own (tagged) number
+    trained = method.encoder.state_dict()
+    assert all(torch.equal(pre["vit"][k], v) for k, v in trained.items())  # starts from the trained encoder
+    torch.testing.assert_close(pre["feats"], pre["ref"])                 # ... through the method's features
+    assert not all(torch.equal(rnd["vit"][k], v) for k, v in trained.items() if v.is_floating_point())
     for k, v in method.state_dict().items():  # fine-tuning works on a copy
         assert torch.equal(v, before[k]), k
     net = method.finetune_network()
