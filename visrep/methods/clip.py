@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.errors import ConfigError
 from visrep.losses.contrastive import clip_loss, siglip_loss
-from visrep.models import Normalize
 from visrep.models.text import TextTransformer, Tokenizer
 from visrep.optim.groups import decay_groups
 
@@ -109,9 +108,6 @@ class VisionLanguage(Method):
 
         super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model
-        self.cfg = m
-        self.image_size = cfg.data.image_size
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.tokenizer = Tokenizer(m.context_length)
         self.visual = clip_vit(img_size=self.image_size, patch_size=mc.patch_size, in_chans=self.data_info.in_chans,
                                embed_dim=mc.embed_dim, depth=mc.depth, num_heads=mc.num_heads, mlp_ratio=mc.mlp_ratio,

@@ -63,7 +63,7 @@ from visrep.models.dit import DiT
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Export, Method, Step, module_metadata
+from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
 
 
 @dataclass
@@ -215,8 +215,6 @@ class Diffusion(Method):
         if mc.drop_path_rate or mc.init_values is not None:
             raise ConfigError("the DiT has no drop-path or LayerScale: model.drop_path_rate must be 0 and "
                               "model.init_values null")
-        if mc.embed_dim % mc.num_heads:
-            raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by model.num_heads={mc.num_heads}")
         if mc.pos_embed == "sincos" and mc.embed_dim % 4:
             raise ConfigError(f"model.embed_dim={mc.embed_dim} must be divisible by 4 for sin-cos position embeddings")
         size = cfg.data.image_size
@@ -226,9 +224,7 @@ class Diffusion(Method):
             if size % factor:
                 raise ConfigError(f"data.image_size={size} must be a multiple of the VAE's downsampling ({factor})")
             size //= factor
-        if size % mc.patch_size:
-            raise ConfigError(f"the DiT's input size {size} (data.image_size{' / VAE factor' if m.vae else ''}) "
-                              f"must be a multiple of model.patch_size={mc.patch_size}")
+        check_vit_config(cfg, {f"the DiT's input size (data.image_size{' / VAE factor' if m.vae else ''})": size})
         if not 0 <= m.class_dropout < 1:
             raise ConfigError(f"method.class_dropout={m.class_dropout} must be in [0, 1)")
         if not 0 <= m.ema <= 1:
@@ -251,8 +247,6 @@ class Diffusion(Method):
         super().__init__(cfg, data_info)
         diffusers = _require_diffusers()
         m, mc = cfg.method, cfg.model
-        self.cfg = m
-        self.image_size = cfg.data.image_size
         self.vae = load_vae(m.vae) if m.vae is not None else None   # frozen, not in the state dict
         chans, size = self.data_info.in_chans, self.image_size
         if self.vae is not None:

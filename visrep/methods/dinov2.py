@@ -66,7 +66,7 @@ from visrep.data.transforms import batch_random_resized_crop
 from visrep.data.views import PhotometricSpec, photometric
 from visrep.errors import ConfigError
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
-from visrep.models import Normalize, vit_from_config
+from visrep.models import vit_from_config
 from visrep.models.heads import DINOHead
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import vit_lr_decay_rate
@@ -202,9 +202,6 @@ class DINOv2(Method):
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model
-        self.cfg = m
-        self.image_size = cfg.data.image_size
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.do_ibot = m.ibot_loss_weight > 0
         backbone = vit_from_config(mc, self.data_info.in_chans, self.image_size, mask_token=True, rescale_init=False,
                                    drop_path_rate=0.0)

@@ -42,12 +42,12 @@ from visrep.errors import ConfigError
 from visrep.eval.finetune import AttentivePooler, train_classifier
 from visrep.eval.protocols import Protocol
 from visrep.losses import jepa_loss, normalized_targets
-from visrep.models import Normalize, Predictor, apply_masks, repeat_interleave_batch, vit_from_config
+from visrep.models import Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups, no_decay_official_jepa
 from visrep.optim.schedules import linear_momentum
 
-from .base import DataInfo, Export, Method, Step, module_metadata
+from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
 
 
 @dataclass
@@ -148,9 +148,7 @@ class IJEPA(Method):
                 raise ConfigError(f"{key}={dim} must be divisible by the number of heads ({heads})")
             if mc.pos_embed == "sincos" and dim % 4:
                 raise ConfigError(f"{key}={dim} must be divisible by 4 for sin-cos position embeddings")
-        if cfg.data.image_size % mc.patch_size:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of "
-                              f"model.patch_size={mc.patch_size}")
+        check_vit_config(cfg)
         if cfg.optim.ipe_scale < 1:
             raise ConfigError(f"optim.ipe_scale={cfg.optim.ipe_scale} must be >= 1 (the EMA momentum would pass 1)")
         try:  # the mask generator checks the grid against the block sizes
@@ -164,9 +162,6 @@ class IJEPA(Method):
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model
-        self.cfg = m
-        self.image_size = cfg.data.image_size
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=m.rescale_init)
         self.predictor = self.build_predictor(mc.embed_dim, mc.num_heads, redraw=False)
         if not m.rescale_init:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.errors import ConfigError
-from visrep.models import Normalize, Predictor, apply_masks, vit_from_config
+from visrep.models import Predictor, apply_masks, vit_from_config
 from visrep.models.vit import attention_backend, block_tail, run_blocks
 from visrep.optim.groups import decay_groups
 
@@ -118,15 +118,13 @@ class MAE(Method):
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
-        self.cfg = m = cfg.method
+        m = self.cfg
         mc = cfg.model
-        self.image_size = cfg.data.image_size
         self.patch_size = mc.patch_size
         chans = self.data_info.in_chans
         if m.norm_pix_loss and mc.patch_size ** 2 * chans == 1:
             raise ConfigError("method.norm_pix_loss normalises each patch by its own statistics: a patch of one "
                               "grey pixel (model.patch_size=1, 1 channel) would become 0; turn it off")
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.encoder = vit_from_config(mc, chans, self.image_size)
         self.decoder = Predictor(num_patches=self.encoder.grid, embed_dim=mc.embed_dim,
                                  predictor_embed_dim=m.decoder_dim, depth=m.decoder_depth,

@@ -57,7 +57,7 @@ from visrep.data.transforms import batch_random_resized_crop
 from visrep.data.views import PhotometricSpec, photometric
 from visrep.errors import ConfigError
 from visrep.losses import msn_loss, power_law_prior
-from visrep.models import Normalize, vit_from_config
+from visrep.models import vit_from_config
 from visrep.models.projection import ProjectionHead
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups
@@ -178,10 +178,7 @@ class MSN(Method):
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
         m, mc = cfg.method, cfg.model
-        self.cfg = m
-        self.image_size = cfg.data.image_size
         self.rand_size = m.rand_size or self.image_size
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.encoder = vit_from_config(mc, self.data_info.in_chans, self.rand_size, rescale_init=False,
                                        interpolate_offset=0.0, interpolate_float32=False)
         self.head = ProjectionHead(mc.embed_dim, m.hidden_dim, m.output_dim, use_bn=m.use_bn, activation="gelu")

@@ -45,12 +45,12 @@ from visrep.data.views import PhotometricSpec
 from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
 from visrep.losses import paws_loss, smoothed_one_hot, snn
-from visrep.models import Normalize, vit_from_config
+from visrep.models import vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
 from visrep.models.wide_resnet import WideResNet, wide_resnet28_2
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Export, Method, Step, StreamSpec, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 from .msn import augmented_views, encode_views, no_decay_msn
 
 
@@ -103,9 +103,8 @@ class PAWS(Method):
             raise ConfigError(f"method.label_fraction={m.label_fraction} must be in (0, 1]")
         if m.supports_per_class < 1 or m.supervised_views < 1:
             raise ConfigError("method.supports_per_class and method.supervised_views must be >= 1")
-        for key, size in (("data.image_size", cfg.data.image_size), ("method.mc_size", m.mc_size)):
-            if m.backbone == "vit" and size % mc.patch_size:
-                raise ConfigError(f"{key}={size} must be a multiple of model.patch_size={mc.patch_size}")
+        if m.backbone == "vit":
+            check_vit_config(cfg, {"data.image_size": cfg.data.image_size, "method.mc_size": m.mc_size})
         if not 0 <= m.label_smoothing < 1 or m.temperature <= 0 or m.sharpen <= 0:
             raise ConfigError("method.label_smoothing must be in [0, 1), temperature and sharpen > 0")
         if m.backbone == "wrn" and (m.wrn_depth < 4 or (m.wrn_depth - 4) % 6 or m.wrn_widen < 1):
@@ -118,10 +117,7 @@ class PAWS(Method):
         m, mc = cfg.method, cfg.model
         if not self.data_info.num_classes:
             raise ValueError("PAWS needs labelled data (data_info.num_classes)")
-        self.cfg = m
-        self.image_size = cfg.data.image_size
         self.num_classes = self.data_info.num_classes
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         if m.backbone == "vit":
             self.encoder = vit_from_config(mc, self.data_info.in_chans, self.image_size, rescale_init=False)
         elif m.backbone == "wrn28_2":  # the official CIFAR-10 backbone

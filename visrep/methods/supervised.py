@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.errors import ConfigError
-from visrep.models import Normalize, vit_from_config
+from visrep.models import vit_from_config
 from visrep.optim.groups import decay_groups
 
 from .base import DataInfo, Method, Step, check_vit_config
@@ -74,10 +74,8 @@ class Supervised(Method):
         super().__init__(cfg, data_info)
         if not self.data_info.num_classes:
             raise ValueError("supervised training needs labels: the dataset reports no classes")
-        self.cfg = m = cfg.method
-        self.image_size = cfg.data.image_size
+        m = self.cfg
         self.num_classes = self.data_info.num_classes
-        self.normalize = Normalize(self.data_info.mean, self.data_info.std)
         self.encoder = vit_from_config(cfg.model, self.data_info.in_chans, self.image_size)
         self.head = nn.Linear(self.encoder.embed_dim, self.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=m.head_init_std)
