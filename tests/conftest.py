@@ -124,7 +124,15 @@ def _in_parity(path) -> bool:
 
 
 def _covers_parity_dir(config) -> bool:
-    """Did the command line ask for the whole tests/parity directory (itself or a folder above it)?"""
+    """Did the command line ask for the whole tests/parity directory (itself or a folder above it), with
+    nothing inside it left out by ``--ignore`` / ``--ignore-glob`` / ``--deselect``?"""
+    if config.getoption("ignore_glob", None) or config.getoption("deselect", None):
+        return False
+    for ignored in config.getoption("ignore", None) or []:
+        p = Path(ignored)
+        p = (p if p.is_absolute() else Path(config.invocation_params.dir) / p).resolve()
+        if p.is_relative_to(PARITY_TESTS_DIR) or PARITY_TESTS_DIR.is_relative_to(p):
+            return False
     for arg in config.args:
         if "::" in arg:
             continue
