@@ -180,13 +180,14 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 def test_batch_subset_drop_path_matches_the_official_rule():
     from timm.models.vision_transformer import Block
 
-    from visrep.methods.dinov2 import batch_subset_drop_path_
+    from visrep.models.vit import SubsetDropPathBlock
 
     torch.manual_seed(0)
-    blk = Block(16, 2, init_values=0.5)
+    plain = Block(16, 2, init_values=0.5)
     x = torch.randn(5, 3, 16)
-    want_eval = blk(x)
-    batch_subset_drop_path_(blk, 0.4)
+    want_eval = plain(x)
+    blk = SubsetDropPathBlock(16, 2, init_values=0.5, drop_path=0.4)
+    blk.load_state_dict(plain.state_dict())  # same keys as timm's Block
     blk.eval()
     torch.testing.assert_close(blk(x), want_eval)
     blk.train()

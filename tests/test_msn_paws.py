@@ -5,8 +5,8 @@ import torch
 from visrep.config import ConfigError, load_config
 from visrep.methods import build_method
 from visrep.methods.base import DataInfo
-from visrep.methods.msn import encode_views, num_kept
-from visrep.models import VisionTransformer
+from visrep.methods.msn import num_kept
+from visrep.models import VisionTransformer, encode_views
 
 INFO = DataInfo(in_chans=3, image_size=16, num_classes=6)
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from visrep.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from visrep.methods.base import DataInfo, Step
-from visrep.methods.msn import MSN, PMSNConfig, encode_views, num_kept
+from visrep.methods.msn import MSN, PMSNConfig, num_kept
+from visrep.models import encode_views
 from visrep.optim.factory import resolve_optim_defaults
 
 

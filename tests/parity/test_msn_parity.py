@@ -68,8 +68,7 @@ def test_msn_projection_head(path):
 
 @pytest.mark.parametrize("path", fixtures_of_kind("msn_vit_patch_drop"))
 def test_msn_vit_patch_drop(path):
-    from visrep.methods.msn import encode_views
-    from visrep.models import VisionTransformer
+    from visrep.models import VisionTransformer, encode_views
 
     fx = load_fixture(path)
     kw = fx.config["kwargs"]

@@ -63,8 +63,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transforms import batch_random_resized_crop
 
 __all__ = [
+    "augmented_views",
     "PARAM_NAMES", "NUM_PARAMS", "IDENTITY_PARAMS", "LUMA_WEIGHTS", "PhotometricSpec", "TARGET",
     "SOURCE", "IDENTITY", "param_bounds", "blur_kernel_size", "sample_params", "apply_params",
     "photometric", "normalize_params", "action", "iwm_views",
@@ -382,3 +386,14 @@ def iwm_views(images: torch.Tensor, generator: torch.Generator | None = None, so
     x, ps = photometric(images, source, generator)
     y, pt = photometric(images, target, generator)
     return dict(source=x, target=y, action=action(ps, pt, source), params_source=ps, params_target=pt)
+
+
+def augmented_views(images: Tensor, n: int, size: int, scale, spec: PhotometricSpec, normalize: nn.Module,
+                    hflip: bool, generator: torch.Generator) -> Tensor:
+    """``n`` random resized crops of every image (+ flip, photometric ``spec``, normalisation) in one
+    batched call: ``[B, n, C, size, size]`` (per-sample leading dim, so sharding a batch shards them)."""
+    B = images.shape[0]
+    crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
+                                      hflip=hflip)                                  # view-major
+    crops, _ = photometric(crops, spec, generator)
+    return normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)

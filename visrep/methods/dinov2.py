@@ -58,13 +58,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from timm.layers import DropPath
 from torch import Tensor, nn
 
+from visrep.checkpoint import load_checkpoint
 from visrep.data.masks import IBOTMaskGenerator
 from visrep.data.transforms import batch_random_resized_crop
 from visrep.data.views import PhotometricSpec, photometric
-from visrep.errors import ConfigError
+from visrep.errors import CheckpointError, ConfigError
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
 from visrep.models import vit_from_config
 from visrep.models.heads import DINOHead
@@ -147,35 +147,6 @@ def official_init_(backbone: nn.Module) -> None:
     backbone.patch_embed.proj.reset_parameters()
 
 
-def _add_subset_residual(x: Tensor, branch, p: float) -> Tensor:
-    """``drop_add_residual_stochastic_depth``: ``branch`` on a random subset of the batch, added back
-    with the scale ``b / subset``."""
-    b = x.shape[0]
-    keep = max(int(b * (1 - p)), 1)
-    idx = torch.randperm(b, device=x.device)[:keep]
-    residual = branch(x[idx])
-    return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=b / keep).view_as(x)
-
-
-def batch_subset_drop_path_(block: nn.Module, p: float) -> None:
-    """Official DINOv2 stochastic depth for a timm ``Block`` (in place, keys unchanged): in training
-    each residual branch runs on a random subset of the samples; in eval the block is unchanged."""
-    forward = block.forward
-
-    def attn_branch(x):
-        return block.ls1(block.attn(block.norm1(x)))
-
-    def mlp_branch(x):
-        return block.ls2(block.mlp(block.norm2(x)))
-
-    def subset_forward(x, *args, **kwargs):
-        if not block.training or args or kwargs:
-            return forward(x, *args, **kwargs)
-        return _add_subset_residual(_add_subset_residual(x, attn_branch, p), mlp_branch, p)
-
-    block.forward = subset_forward
-
-
 class DINOv2(Method):
     feature_description = "DINOv2 probe features: the teacher backbone's final-normed [CLS] token"
 
@@ -204,16 +175,8 @@ class DINOv2(Method):
         m, mc = cfg.method, cfg.model
         self.do_ibot = m.ibot_loss_weight > 0
         backbone = vit_from_config(mc, self.data_info.in_chans, self.image_size, mask_token=True, rescale_init=False,
-                                   drop_path_rate=0.0)
+                                   drop_path_uniform=m.drop_path_uniform, drop_path_mode=m.drop_path_mode)
         official_init_(backbone)
-        if mc.drop_path_rate > 0:
-            rates = ([mc.drop_path_rate] * mc.depth if m.drop_path_uniform
-                     else torch.linspace(0, mc.drop_path_rate, mc.depth).tolist())
-            for blk, p in zip(backbone.blocks, rates):
-                if p > 0.1 and m.drop_path_mode == "batch_subset":
-                    batch_subset_drop_path_(blk, p)
-                else:
-                    blk.drop_path1, blk.drop_path2 = DropPath(p), DropPath(p)
         self.student = nn.ModuleDict({"backbone": backbone, **build_heads(m, mc.embed_dim)})
         self.distill = m.teacher_checkpoint is not None
         if self.distill:
@@ -227,8 +190,7 @@ class DINOv2(Method):
             self.teacher = make_target(self.student)
         for module in (self.teacher, getattr(self, "student_ema", None)):
             if module is not None:
-                for blk in module["backbone"].blocks:
-                    blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
+                module["backbone"].disable_drop_path()
         k_dino = self.teacher["dino_head"].arch["out_dim"]
         k_ibot = self.teacher["ibot_head"].arch["out_dim"] if "ibot_head" in self.teacher else k_dino
         if self.distill:
@@ -411,9 +373,9 @@ def load_teacher(path: str, data_info: DataInfo) -> nn.ModuleDict:
     """The frozen teacher (backbone and heads) of a visrep DINOv2 training checkpoint."""
     from visrep.config import build_config
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)   # a clear CheckpointError for a missing, truncated or foreign file
     if "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a visrep training checkpoint (no 'config' / 'model')")
+        raise CheckpointError(f"{path} is not a visrep training checkpoint (no 'config' / 'model')")
     tcfg = state["config"]
     tcfg["method"] = {**tcfg["method"], "teacher_checkpoint": None}
     cfg = build_config(tcfg)

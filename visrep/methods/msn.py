@@ -45,7 +45,6 @@ official code; see the reference notes, section 5), so both are available.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,14 +52,13 @@ import torch
 from torch import Tensor, nn
 
 from visrep import distributed as D
-from visrep.data.transforms import batch_random_resized_crop
-from visrep.data.views import PhotometricSpec, photometric
+from visrep.data.views import PhotometricSpec, augmented_views
 from visrep.errors import ConfigError
 from visrep.losses import msn_loss, power_law_prior
-from visrep.models import vit_from_config
+from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import ProjectionHead
 from visrep.optim.ema import ema_update_, make_target
-from visrep.optim.groups import decay_groups
+from visrep.optim.groups import decay_groups, no_decay_bias_bn
 from visrep.optim.schedules import linear_momentum
 
 from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
@@ -113,42 +111,6 @@ class PMSNConfig(MSNConfig):
 def num_kept(num_patches: int, patch_drop: float) -> int:
     """Patches an anchor keeps: ``floor(N * (1 - patch_drop))`` (official ``forward_features``)."""
     return int(math.floor(num_patches * (1.0 - patch_drop)))
-
-
-def encode_views(encoder: nn.Module, views: Sequence[Tensor], idx_keep: Tensor | None = None,
-                 head: nn.Module | None = None) -> Tensor:
-    """Official multi-crop forward: views of equal size run as one batch (concatenated view-major),
-    ``idx_keep`` (patch indices [B_group, K]) masks the first run only; the [CLS] output after the
-    final norm goes through ``head`` per run. Returns ``[sum of batch sizes, D]``."""
-    out, start = [], 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        x = views[start] if end == start + 1 else torch.cat(list(views[start:end]))
-        keep = idx_keep if start == 0 else None
-        if keep is not None and keep.shape[0] != x.shape[0]:
-            keep = keep.repeat(x.shape[0] // keep.shape[0], 1)
-        h = encoder(x, idx_keep=keep)[:, 0]
-        out.append(head(h) if head is not None else h)
-        start = end
-    return torch.cat(out)
-
-
-def augmented_views(images: Tensor, n: int, size: int, scale, spec: PhotometricSpec, normalize: nn.Module,
-                    hflip: bool, generator: torch.Generator) -> Tensor:
-    """``n`` random resized crops of every image (+ flip, photometric ``spec``, normalisation) in one
-    batched call: ``[B, n, C, size, size]`` (per-sample leading dim, so sharding a batch shards them)."""
-    B = images.shape[0]
-    crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
-                                      hflip=hflip)                                  # view-major
-    crops, _ = photometric(crops, spec, generator)
-    return normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
-
-
-def no_decay_msn(name: str, p: Tensor) -> bool:
-    """Official ``init_opt``: no weight decay for names containing ``bias`` or ``bn`` and 1-D tensors."""
-    return "bias" in name or "bn" in name or p.ndim == 1
 
 
 class MSN(Method):
@@ -262,7 +224,7 @@ class MSN(Method):
             b.copy_(value)
 
     def param_groups(self) -> list[dict]:
-        groups = decay_groups(self.encoder, self.head, no_decay=no_decay_msn)
+        groups = decay_groups(self.encoder, self.head, no_decay=no_decay_bias_bn)
         if self.prototypes.requires_grad:
             groups.append({"params": [self.prototypes], "weight_decay": 0.0, "wd_exclude": True})
         return groups

@@ -41,17 +41,17 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from visrep.data.views import PhotometricSpec
+from visrep.data.views import PhotometricSpec, augmented_views
 from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
 from visrep.losses import paws_loss, smoothed_one_hot, snn
-from visrep.models import vit_from_config
+from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
+from visrep.models.resnet import TorchvisionResNet
 from visrep.models.wide_resnet import WideResNet, wide_resnet28_2
-from visrep.optim.groups import decay_groups
+from visrep.optim.groups import decay_groups, no_decay_bias_bn
 
 from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
-from .msn import augmented_views, encode_views, no_decay_msn
 
 
 @dataclass
@@ -189,7 +189,7 @@ class PAWS(Method):
         # official: no weight decay and no LARS adaptation for names with 'bias' or 'bn' (1-D
         # LayerNorm / token tensors of the ViT are treated the same way here)
         mods = [self.encoder, self.head] + ([self.pred] if self.pred is not None else [])
-        return decay_groups(*mods, no_decay=no_decay_msn)
+        return decay_groups(*mods, no_decay=no_decay_bias_bn)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,29 +247,3 @@ class PAWS(Method):
 
     def export_modules(self) -> dict[str, Export]:
         return {"encoder": Export(self.encoder, module_metadata(self.encoder))}
-
-
-class TorchvisionResNet(nn.Module):
-    """A torchvision ResNet trunk (no classifier) as PAWS's backbone: ``forward(x)`` returns the
-    globally pooled features as one token ``[B, 1, D]`` (the shape the ViT path reads its [CLS]
-    from). Init as the official ``resnet.py`` (kaiming_normal fan_out convs, BN 1/0,
-    zero_init_residual False = torchvision's default). ``in_chans`` != 3 replaces the stem conv.
-    BatchNorm2d is per process (the official code converts to SyncBN when distributed)."""
-
-    def __init__(self, name: str = "resnet50", in_chans: int = 3):
-        super().__init__()
-        import torchvision
-
-        self.arch = dict(name=name, in_chans=in_chans)
-        net = getattr(torchvision.models, name)(weights=None)
-        if in_chans != 3:
-            net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.embed_dim = net.fc.in_features
-        net.fc = nn.Identity()
-        self.net = net
-
-    def forward(self, x: Tensor, idx_keep: Tensor | None = None) -> Tensor:
-        if idx_keep is not None:
-            raise ValueError("a ResNet backbone does not drop patches")
-        return self.net(x).unsqueeze(1)

@@ -7,10 +7,11 @@ from .vit import (
     Normalize,
     VisionTransformer,
     apply_masks,
+    encode_views,
     repeat_interleave_batch,
     sincos_pos_embed_2d,
     vit_from_config,
 )
 
 __all__ = ["DINOHead", "DiT", "HEADS_BY_DIM", "Normalize", "Predictor", "VisionTransformer", "VIT_SIZES", "apply_masks",
-           "repeat_interleave_batch", "sincos_pos_embed_2d", "vit_from_config"]
+           "encode_views", "repeat_interleave_batch", "sincos_pos_embed_2d", "vit_from_config"]

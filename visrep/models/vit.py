@@ -191,6 +191,32 @@ def block_tail(blk: Block, x: Tensor, start: int) -> Tensor:
     return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
 
 
+def _add_subset_residual(x: Tensor, branch, p: float) -> Tensor:
+    """``branch`` on a random subset of ``max(int(b (1 - p)), 1)`` samples, added back scaled by
+    ``b / subset`` (DINOv2's ``drop_add_residual_stochastic_depth``; the subset from torch's global RNG)."""
+    b = x.shape[0]
+    keep = max(int(b * (1 - p)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    residual = branch(x[idx])
+    return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=b / keep).view_as(x)
+
+
+class SubsetDropPathBlock(Block):
+    """timm's ``Block`` (same keys) whose stochastic depth, in training, runs each residual branch on a
+    random subset of the batch instead of zeroing per sample (``drop_path_mode="batch_subset"``: the
+    official DINOv2 block, for rates above 0.1, fewer FLOPs); in eval it is the plain block."""
+
+    def __init__(self, *args, drop_path: float = 0.0, **kwargs):
+        super().__init__(*args, drop_path=0.0, **kwargs)
+        self.subset_drop = drop_path
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self.training or not self.subset_drop or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        x = _add_subset_residual(x, lambda h: self.ls1(self.attn(self.norm1(h))), self.subset_drop)
+        return _add_subset_residual(x, lambda h: self.ls2(self.mlp(self.norm2(h))), self.subset_drop)
+
+
 def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: bool = True) -> None:
     """trunc_normal(0.02) Linear/Conv, LN (1, 0); I-JEPA's 1/sqrt(2*layer) rescale of residual outputs."""
     for m in module.modules():
@@ -242,6 +268,8 @@ class VisionTransformer(nn.Module):
         mask_token: bool = False,
         init_values: float | None = None,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        drop_path_mode: str = "per_sample",
         norm_eps: float = 1e-6,
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
@@ -309,11 +337,17 @@ class VisionTransformer(nn.Module):
 
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        if drop_path_mode not in ("per_sample", "batch_subset"):
+            raise ValueError(f"drop_path_mode must be 'per_sample' or 'batch_subset', got {drop_path_mode!r}")
+
+        def block_class(rate: float) -> type[Block]:  # DINOv2: the batch subset only above 0.1
+            return SubsetDropPathBlock if drop_path_mode == "batch_subset" and rate > 0.1 else Block
+
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, act_layer=ACT_LAYERS[act_layer],
-                  **({"mlp_layer": FFN_LAYERS[ffn]} if FFN_LAYERS[ffn] else {})) for i in range(depth))
+            block_class(dpr[i])(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
+                                drop_path=dpr[i], norm_layer=norm_layer, act_layer=ACT_LAYERS[act_layer],
+                                **({"mlp_layer": FFN_LAYERS[ffn]} if FFN_LAYERS[ffn] else {})) for i in range(depth))
         self.norm = norm_layer(embed_dim)
         self._init_weights(rescale_init)
         if patch_init == "xavier":
@@ -323,6 +357,13 @@ class VisionTransformer(nn.Module):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         elif patch_init != "trunc_normal":
             raise ValueError(f"patch_init must be 'trunc_normal' or 'xavier', got {patch_init!r}")
+
+    def disable_drop_path(self) -> None:
+        """No stochastic depth in any block (EMA teachers: the same weights, deterministic)."""
+        for blk in self.blocks:
+            blk.drop_path1, blk.drop_path2 = nn.Identity(), nn.Identity()
+            if isinstance(blk, SubsetDropPathBlock):
+                blk.subset_drop = 0.0
 
     # -- init ----------------------------------------------------------------------------------
     def _init_weights(self, rescale: bool) -> None:
@@ -488,3 +529,23 @@ class Normalize(nn.Module):
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+
+def encode_views(encoder: nn.Module, views: Sequence[Tensor], idx_keep: Tensor | None = None,
+                 head: nn.Module | None = None) -> Tensor:
+    """Official multi-crop forward: views of equal size run as one batch (concatenated view-major),
+    ``idx_keep`` (patch indices [B_group, K]) masks the first run only; the [CLS] output after the
+    final norm goes through ``head`` per run. Returns ``[sum of batch sizes, D]``."""
+    out, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        x = views[start] if end == start + 1 else torch.cat(list(views[start:end]))
+        keep = idx_keep if start == 0 else None
+        if keep is not None and keep.shape[0] != x.shape[0]:
+            keep = keep.repeat(x.shape[0] // keep.shape[0], 1)
+        h = encoder(x, idx_keep=keep)[:, 0]
+        out.append(head(h) if head is not None else h)
+        start = end
+    return torch.cat(out)

@@ -27,6 +27,12 @@ def no_decay_official_jepa(name: str, p: Tensor) -> bool:
     return "bias" in name or p.ndim == 1
 
 
+def no_decay_bias_bn(name: str, p: Tensor) -> bool:
+    """MSN's and PAWS's official ``init_opt``: no weight decay for names containing ``bias`` or ``bn``
+    and for 1-D tensors."""
+    return "bias" in name or "bn" in name or p.ndim == 1
+
+
 def decay_groups(*modules: nn.Module, no_decay: Callable[[str, Tensor], bool] = no_decay_default,
                  **extra) -> list[dict]:
     """Two groups over ``modules``' trainable parameters: with weight decay, and ``wd_exclude``
@@ -82,4 +88,5 @@ def layer_decay_groups(vit: nn.Module, rate: float, head: nn.Module | None = Non
     return out
 
 
-__all__ = ["decay_groups", "layer_decay_groups", "no_decay_default", "no_decay_official_jepa", "vit_lr_decay_rate"]
+__all__ = ["decay_groups", "layer_decay_groups", "no_decay_bias_bn", "no_decay_default", "no_decay_official_jepa",
+           "vit_lr_decay_rate"]
