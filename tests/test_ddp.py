@@ -39,7 +39,7 @@ class Toy(Method):
     """A loss that is a mean over the batch: DDP's gradient average equals the 2B gradient."""
 
     def __init__(self):
-        super().__init__(None, DataInfo(in_chans=1, image_size=4, num_classes=4))
+        super().__init__(Config(method=ToyConfig()), DataInfo(in_chans=1, image_size=4, num_classes=4))
         torch.manual_seed(7)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
         self.target = nn.Linear(16, 4)

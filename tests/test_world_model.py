@@ -50,7 +50,7 @@ def test_predictor_finetune_runs_every_reference_and_keeps_the_method(name, monk
     encoder so that the two differ); the pretrained predictor a copy of the method's at lr / 10, the
     random predictor the same architecture with other weights at lr, the attentive probe no
     predictor; a fresh head each; each top-1 reported under its own name; the method untouched."""
-    import visrep.methods.ijepa as ijepa_module
+    import visrep.methods.jepa as ijepa_module  # the JEPA family module holds predictor_finetune
 
     m = _tiny(name)
     g = torch.Generator().manual_seed(5)

@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-PARITY_DIR = Path(os.environ.get("VISREP_PARITY_DIR", Path(__file__).resolve().parents[1] / "fixtures" / "parity"))
+DEFAULT_PARITY_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
+PARITY_DIR = Path(os.environ.get("VISREP_PARITY_DIR", DEFAULT_PARITY_DIR))
 
 # Resolved paths of the sidecars loaded through Fixture while a test ran (PYTEST_CURRENT_TEST is set
 # during a test's setup / call / teardown, not during collection). See consumed_fixtures().
@@ -96,6 +97,11 @@ def fixtures_of_kind(*kinds: str) -> list:
         if kind in kinds and p.with_suffix(".safetensors").exists():
             paths.append(p)
     if not paths:
+        if PARITY_DIR.resolve() != DEFAULT_PARITY_DIR.resolve():  # another set (e.g. held-back fixtures) may
+            # hold only some kinds: a kind it lacks is not tested here, which is no failure of this set
+            return [pytest.param(None, marks=pytest.mark.skip(reason=f"no fixtures of kind {kinds} in "
+                                                                   f"VISREP_PARITY_DIR={PARITY_DIR}"),
+                                 id="none")]
         return [unavailable(f"no fixtures of kind {kinds} in {PARITY_DIR}")]
     return [pytest.param(p, id=p.stem) for p in paths]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import Dataset
@@ -80,12 +81,14 @@ def _normalise_split(split: str) -> str:
 # --------------------------------------------------------------------------------------------
 # In-memory tensor dataset
 # --------------------------------------------------------------------------------------------
-class InMemory:
-    """A dataset held in memory: ``tensors()`` gives every image and label at once, the batched fast
-    path (:class:`visrep.data.loaders.InMemoryBatches`); ``isinstance(ds, InMemory)`` tells."""
+@runtime_checkable
+class InMemory(Protocol):
+    """A dataset held in memory: ``tensors()`` gives every image (uint8 [N,C,H,W]) and label at once, the
+    batched fast path (:class:`visrep.data.loaders.InMemoryBatches`). Any dataset with such a method is
+    one (``isinstance(ds, InMemory)``); ours subclass it to say so."""
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
 
 def in_memory(ds) -> bool:

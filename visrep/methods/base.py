@@ -135,7 +135,7 @@ class Method(nn.Module):
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__()
         self.run_cfg = cfg                       # the whole run's config
-        self.cfg = cfg.method                    # this method's own section
+        self.cfg = getattr(cfg, "method", None)  # this method's own section
         self.data_info = data_info if isinstance(data_info, DataInfo) else DataInfo.from_dict(data_info)
         self.image_size = self.data_info.image_size   # the training resolution, saved with the weights
         self.normalize = Normalize(self.data_info.mean, self.data_info.std)  # uint8 / [0, 1] -> standardised

@@ -37,11 +37,11 @@ from visrep.eval.world_model import reciprocal_ranks
 from visrep.losses import normalized_targets
 from visrep.models import apply_masks
 
-from .ijepa import IJEPA, IJEPAConfig
+from .jepa import JEPA, JEPAConfig
 
 
 @dataclass
-class IWMConfig(IJEPAConfig):
+class IWMConfig(JEPAConfig):
     name: Literal["iwm"] = "iwm"
     conditioning: Literal["feature", "sequence", "none"] = "feature"
     cond_mlp_layers: int = 3
@@ -59,7 +59,7 @@ class IWMConfig(IJEPAConfig):
     mrr_samples: int = 1000        # protocol "mrr": test images used
 
 
-class IWM(IJEPA):
+class IWM(JEPA):
     feature_description = "IWM probe features: average-pooled last-layer tokens of the target encoder"
 
     @classmethod

@@ -57,12 +57,12 @@ from visrep.errors import ConfigError
 from visrep.losses import msn_loss, power_law_prior
 from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import ProjectionHead
+from visrep.models.vit import redraw_linear_
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups, no_decay_bias_bn
 from visrep.optim.schedules import linear_momentum
 
 from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
-from .ijepa import redraw_linear_
 
 
 @dataclass

@@ -33,11 +33,11 @@ from torch import Tensor
 
 from visrep.errors import ConfigError
 
-from .ijepa import IJEPA, IJEPAConfig
+from .jepa import JEPA, JEPAConfig
 
 
 @dataclass
-class StoPConfig(IJEPAConfig):
+class StoPConfig(JEPAConfig):
     name: Literal["stop"] = "stop"
     stop_sigma: float = 0.25                 # noise std (official YAML key ``var``)
     stop_eval_noise: bool = False            # official: noise in eval mode too
@@ -47,7 +47,7 @@ class StoPConfig(IJEPAConfig):
     grayscale_p: float = 0.0                 # official recipes: RandomGrayscale p=0.2
 
 
-class StoP(IJEPA):
+class StoP(JEPA):
     feature_description = "StoP probe features: average-pooled last-layer tokens of the target encoder"
 
     @classmethod

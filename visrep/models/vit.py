@@ -217,6 +217,16 @@ class SubsetDropPathBlock(Block):
         return _add_subset_residual(x, lambda h: self.ls2(self.mlp(self.norm2(h))), self.subset_drop)
 
 
+def redraw_linear_(*modules: nn.Module) -> None:
+    """Official ``init_model``: trunc_normal(0.02) for every ``nn.Linear`` weight, zero bias."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
 def init_transformer_(module: nn.Module, blocks: Sequence[nn.Module], rescale: bool = True) -> None:
     """trunc_normal(0.02) Linear/Conv, LN (1, 0); I-JEPA's 1/sqrt(2*layer) rescale of residual outputs."""
     for m in module.modules():
