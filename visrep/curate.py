@@ -1,24 +1,13 @@
-"""Data curation in the manner of DINOv2 (paper section 3, "automatic data pipeline"): embed an
-uncurated image set with any encoder, remove near-duplicates, select images by retrieval around a
-curated seed set and by balanced sampling over (hierarchical) k-means clusters, write the selection
-as a file list that ``data.subset_file`` reads.
+"""Data curation in the manner of DINOv2 (paper section 3, "automatic data pipeline").
 
     visrep curate runs/dinov2-fmnist/last.pt --out curated.txt --dedup 0.95 --size 20000
     visrep pretrain dinov2/fashion_mnist data.subset_file=curated.txt
 
-Stages (each reports how many images it removed or kept, with a progress bar for the embedding):
-
-1. **embed**: ``encoder_fn(images)`` for every image, L2-normalised (cosine similarity = inner product);
-2. **deduplicate**: every pair with cosine >= ``dedup_threshold`` is linked (faiss range search) and
-   each connected group keeps its first image (lowest index), so exact and near copies go;
-3. **retrieve** (optional, with ``seeds``): the union of the ``retrieval_k`` nearest neighbours of every
-   seed embedding (the paper's retrieval around curated data); without seeds the whole pool is kept;
-4. **balance**: k-means (faiss) on the retrieved embeddings, hierarchical when ``levels=2`` (k-means of
-   the centroids groups clusters into super-clusters); ``size`` images are drawn so that each
-   (super-)cluster gets an equal share (water-filling: small clusters give their unused share to the
-   others), uniformly at random within a cluster (seeded).
-
-faiss is an optional dependency (``pip install visrep[curate]``).
+Stages: **embed** (L2-normalised) -> **deduplicate** (cosine >= ``dedup_threshold``, each connected
+group keeps its lowest index) -> **retrieve** (optional: ``retrieval_k`` nearest neighbours of
+``seeds``) -> **balance** ((hierarchical) k-means, equal share per cluster, water-filling), written as
+a file list that ``data.subset_file`` reads. faiss is optional (``pip install visrep[curate]``).
+Specification and notes: docs/curate.md
 """
 from __future__ import annotations
 

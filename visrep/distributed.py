@@ -1,23 +1,11 @@
 """torch.distributed in a few functions: the bottom layer, usable from losses, methods and the engine.
 
-Process set-up: ``init_distributed()`` reads the variables torchrun sets (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without them (or with ``WORLD_SIZE=1``) it does
-nothing and every helper below behaves as for a single process.
-
-Collectives that carry gradients (for losses that use batch statistics: Sinkhorn row sums, ME-MAX
-batch means, CLIP/SigLIP negatives, PAWS supports) take an explicit ``group`` and are the identity on
-one process:
-
-* :func:`all_reduce` (sum / mean) -- backward: the sum of every process's gradient w.r.t. the output;
-* :func:`all_gather` (concatenate along dim 0, rank order) -- backward: this rank's slice of the
-  summed gradients.
-
-Convention: each process computes its own loss ``L_r`` and DDP averages parameter gradients, so the
-optimised objective is ``mean_r L_r``. Summing output gradients across processes in the backward
-pass makes ``2 processes x batch B`` give exactly the gradients of ``1 process x batch 2B`` whenever
-``mean_r L_r`` equals the single-process loss (both when every rank computes the same global loss
-and when each rank computes its share of it). Nothing here reduces behind the caller's back:
-losses receive ``group`` as an argument (``None`` = the default group when initialised).
+``init_distributed()`` reads torchrun's variables (without them: a single process). Collectives that
+carry gradients take an explicit ``group`` and are the identity on one process: :func:`all_reduce`
+(backward: sum of every process's gradient) and :func:`all_gather` (backward: this rank's slice of the
+summed gradients). With DDP's gradient average, 2 processes x batch B give exactly the gradients of
+1 process x batch 2B. Nothing reduces behind the caller's back.
+Specification and notes: docs/distributed.md
 """
 from __future__ import annotations
 

@@ -1,51 +1,16 @@
 """I-JEPA multi-block masking: one or more large *context* blocks and several small *target* blocks.
 
-``MultiBlockMaskCollator`` is a ``collate_fn`` that returns ``(collated_batch, masks_enc, masks_pred)``,
-where ``masks_enc`` (``nenc`` entries) and ``masks_pred`` (``npred`` entries) are lists of ``LongTensor
-[B, K]`` holding the kept patch indices of each block (row-major, ascending). This is the output
-structure of the official I-JEPA ``MaskCollator``.
+``MultiBlockMaskCollator`` is a ``collate_fn`` returning ``(collated_batch, masks_enc, masks_pred)``,
+lists of ``LongTensor [B, K]`` kept patch indices, as the official I-JEPA ``MaskCollator``.
 
-Shared by both modes
-    * Block **sizes** are sampled once per batch from a ``torch.Generator`` seeded with a step counter
-      shared across dataloader workers (``multiprocessing.Value``); batch ``i`` uses seed ``i``. All
-      target blocks of a batch share one size, and so do all context blocks, so the masks are equal-size
-      rectangles and truncation (below) loses little.
-    * One uniform draw ``u`` sets both scale and aspect ratio (they are perfectly correlated):
-      ``s = s_min + u (s_max - s_min)``, ``ar = ar_min + u (ar_max - ar_min)``, ``n = int(H W s)``,
-      ``h = round(sqrt(n ar))``, ``w = round(sqrt(n / ar))``, then ``h``/``w`` are decremented until they
-      are smaller than the grid (a block never spans the full grid). Context blocks use ``ar = 1``.
-    * Block **positions** use the global torch RNG (seeded per worker by the DataLoader).
-    * Context = context block minus the union of the sample's target blocks (unless ``allow_overlap``).
-    * Every mask of a batch is truncated to the smallest mask length in the batch (one length for all
-      context masks, one for all target masks); indices are row-major, so truncation drops the
-      bottom/right-most patches of larger masks.
+    per batch: one (scale, aspect ratio) draw for all target blocks, one for all context blocks
+    per sample: place npred target blocks, then a context block minus their union
+    truncate every mask of the batch to the shortest one (one length per kind)
 
-``mode="official"`` reproduces the reference implementation, quirks included, and with the same global
-RNG state it returns bit-identical masks (the RNG call sequence is the same: per sample, ``torch.randint``
-for top then left of every target block, then of every context-block try):
-    * corners are drawn with ``torch.randint(0, H - h)`` (exclusive upper bound), so no block ever touches
-      the last row/column of the grid;
-    * every block (target blocks too) must keep ``> min_keep`` patches; a context block is re-drawn, and
-      after 20 failures in a row one target constraint is dropped (logged warning "Valid mask not found,
-      decreasing acceptable-regions"), so context and targets **can overlap**;
-    * the reference loops forever when a target block (or an unconstrained context block) has
-      ``<= min_keep`` patches, e.g. the paper config with ``min_keep=10`` on an 8x8 grid. Here that
-      condition is detected before sampling and a ``RuntimeError`` is raised instead of hanging.
-
-``mode="default"`` keeps the size distribution (same per-batch sizes) but
-    * always terminates and never lets context and targets overlap: targets are placed, then up to
-      ``max_tries`` context positions are tried (as the reference does). If none leaves ``min_keep``
-      context patches, the sample's targets and context are re-drawn (up to ``max_rounds`` rounds); if a
-      sample still fails, the batch's target size is shrunk by one row/column (larger side first) and the
-      batch is re-drawn. With 1x1 targets success is certain, so the loop is bounded.
-    * ``min_keep`` is a requirement on the context only (``>= min_keep`` patches); target blocks may be
-      smaller. It is capped at ``context_block_area - npred`` when the grid is too small for it (warned
-      once), which keeps it always achievable.
-    * corners are drawn over all valid positions (``torch.randint(0, H - h + 1)``), so blocks can touch
-      the last row/column; pass ``exclusive_corner=True`` to mirror the reference placement instead (on
-      small grids that placement wastes a lot: on 7x7 the 6x6 context block always sits at (0, 0) and the
-      last row and column, 13 of 49 patches, are never used).
-    * it is vectorised over the batch (boolean ``[B, H, W]`` masks).
+``mode="default"``: always terminates, context and targets never overlap, corners over all valid
+positions, vectorised. ``mode="official"``: the reference's masks bit for bit (same RNG calls),
+overlaps included, but a ``RuntimeError`` where the reference would loop forever.
+Specification and notes: docs/data/masks.md
 """
 from __future__ import annotations
 

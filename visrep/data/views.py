@@ -1,61 +1,18 @@
 """Batched photometric transformations that report their parameters, and IWM view pairs.
 
-IWM (Image World Models, Garrido et al., arXiv 2403.00504) conditions its predictor on the
-transformation ``a_{x->y}`` that maps a source view ``x`` to a target view ``y`` of the same
-(already cropped) image. This module draws those views for a whole batch ``[B, C, H, W]``
-(``C`` = 1 or 3; float in [0, 1], or uint8 which is scaled to [0, 1] float32) with per-sample
-parameters, no Python loop over samples, all randomness from one explicit ``torch.Generator``
-(drawn on the generator's device, then moved to the images' device: a CPU generator works with
-CUDA images).
+IWM (Garrido et al., arXiv 2403.00504; no official code) conditions its predictor on the transformation
+``a_{x->y}`` from a source view ``x`` to a target view ``y``. This module draws per-sample parameters
+for a batch ``[B, C, H, W]`` from one explicit ``torch.Generator`` (float32 ``[B, 7]``, columns
+:data:`PARAM_NAMES`; a transformation not applied reports its identity value), applies them with
+:func:`apply_params` (identity parameters: the input bit for bit) and builds :func:`action`.
 
-Parameters: ``params`` is a float32 ``[B, 7]`` tensor, columns in :data:`PARAM_NAMES` order
+    y = brightness -> contrast -> saturation -> hue (fixed order) -> grayscale -> blur -> solarize (x)
+    action = [norm(target) - norm(source) for the 4 jitter columns, source's grayscale, blur, solarize]
 
-  ===  ============  =============================  ========  ===================================
-  col  name          raw range (spec strength s)    identity  op
-  ===  ============  =============================  ========  ===================================
-  0    brightness    [max(0, 1-s), 1+s]             1         x * b
-  1    contrast      [max(0, 1-s), 1+s]             1         blend with mean of grayscale(x)
-  2    saturation    [max(0, 1-s), 1+s]             1         blend with grayscale(x)
-  3    hue           [-s, s]  (s <= 0.5)            0         shift H in HSV (mod 1)
-  4    grayscale     {0, 1}                         0         luma, repeated to C channels
-  5    blur_sigma    {0} or [sigma_min, sigma_max]  0         Gaussian blur, reflect padding
-  6    solarize      {0, 1}                         0         x >= threshold -> 1 - x
-  ===  ============  =============================  ========  ===================================
-
-A transformation that is not applied (jitter not drawn with ``jitter_p``, a destructive op not
-drawn with its ``*_p``) is reported with its identity value, so identity parameters mean "no
-change", and :func:`apply_params` with identity parameters returns its input bit for bit. For
-``C == 1`` saturation, hue and grayscale are no-ops (as in torchvision) and reported as identity.
-
-Order of operations (as in the usual SimCLR/BYOL pipeline): colour jitter in the FIXED order
-brightness -> contrast -> saturation -> hue, then grayscale, blur, solarize. Each op clamps to
-[0, 1] where torchvision does (brightness, contrast, saturation; hue, grayscale, blur and
-solarize stay in range by construction). Every op matches ``torchvision.transforms.v2.functional``
-(``adjust_brightness``, ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``,
-``rgb_to_grayscale``, ``gaussian_blur``, ``solarize``) on float images up to float rounding.
-
-Normalisation and the action (:func:`normalize_params`, :func:`action`): jitter factors map
-linearly to [-1, 1] via ``(f - 1) / s`` (hue: ``h / s``), sigma maps to ``sigma / sigma_max`` in
-[0, 1], flags stay in {0, 1}; the identity therefore normalises to the zero vector.
-``action = [norm(target) - norm(source) for the 4 jitter columns (each in [-2, 2]),
-norm(source) for grayscale, blur_sigma, solarize]``: "the differences of the jitter parameters
-plus binary flags of the destructive augmentations on the source". The target's own destructive
-columns are not part of the action (the paper's target view has none). No change on either side
-gives an all-zero action (also the "null action" of IWM's predictor fine-tuning).
-
-Paper vs this code:
-  * torchvision's ColorJitter applies the four jitter ops in a random order per call; here the
-    order is fixed (B, C, S, H), so the action does not need to encode an order.
-  * Grayscale (also inside contrast and saturation) uses torchvision's weights
-    0.2989 / 0.587 / 0.114 (ITU-R 601-2 luma is 0.299 / 0.587 / 0.114), to match torchvision.
-  * Blur is torchvision's truncated Gaussian kernel with reflect padding; the kernel size is
-    ``blur_kernel_frac`` (default 10 %) of the shorter image side, rounded down to odd, at least
-    3 (23 px at 224 px, as :func:`visrep.data.transforms.train_transform`'s "simclr" kind) unless
-    ``blur_kernel_size`` fixes it. The sigma range (0.1, 2.0) is in pixels and not rescaled with
-    the image size. The paper's exact blur implementation is not stated.
-  * Solarize on the source: p = 0.1 in the paper's appendix table, 0.2 in its prose; SOURCE uses
-    the table's 0.1.
-  * How the paper normalises the action is not stated; the scaling above is this code's choice.
+Each op matches ``torchvision.transforms.v2.functional`` up to float rounding. Choices where the paper
+is silent: the fixed jitter order (torchvision's is random), torchvision's grey weights, blur kernel
+10 % of the shorter side, source solarize p = 0.1 (appendix table; prose 0.2), the normalisation.
+Specification and notes: docs/data/views.md
 """
 from __future__ import annotations
 

@@ -1,31 +1,12 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for models that do not fit DDP (``train.parallel=fsdp``).
 
-What is sharded. The parameters the optimizer updates (``method.param_groups()``), over a 1-D
-``DeviceMesh`` of all processes: each module of ``method.fsdp_units()`` (by default every trained
-transformer block) is a unit of its own, then the method itself is the root unit holding the rest
-(patch embedding, norms, heads, tokens). Every other parameter (EMA targets, frozen teachers,
-frozen patch embeddings) is passed as ``ignored_params``: it stays a plain tensor, replicated on every
-process, as under DDP. Units reshard after forward (the root does not), so between steps the trained
-parameters are ``DTensor`` shards; the optimizer (AdamW etc.) and ``clip_grad_norm_`` work on them.
-
-EMA teachers. The teacher stays unsharded and has no gradients; ``visrep.optim.ema.ema_update_``
-gathers each student parameter with ``DTensor.full_tensor()`` after the optimizer step (one all-gather
-of the student per step, the same traffic as a forward; one parameter gathered at a time). The
-alternative, keeping the student unsharded between steps (``reshard_after_forward=False``), would
-keep the whole student in memory and defeat the purpose.
-
-Checkpoints. :func:`full_state` gathers the model's and the optimizer's state dicts to whole CPU
-tensors on the main process, so ``last.pt`` has exactly DDP's format (same keys, optimizer state
-keyed by parameter index): a checkpoint written under FSDP resumes under DDP and the other way round,
-and loads on one process (``load_trained``: eval, export). :func:`load_full_state` /
-:func:`load_full_optimizer_state` cut whole tensors into this process's shards (no communication).
-
-Activation checkpointing (``model.grad_checkpointing=true``) recomputes each block in backward and
-combines with FSDP: memory then holds the shards, one gathered unit and the block inputs.
-
-On one process ``train.parallel=fsdp`` is the plain single-process path (nothing to shard). FSDP2
-runs on CPU with gloo in torch 2.6+ (``tests/test_fsdp.py`` checks it against DDP there) and on CUDA
-with NCCL.
+Each module of ``method.fsdp_units()`` (default: every trained transformer block) is a unit, the method
+is the root unit; parameters the optimizer does not update (EMA targets, frozen teachers) stay
+replicated. EMA teachers gather the student one parameter at a time. :func:`full_state` writes DDP's
+checkpoint format (resume under either), :func:`load_full_state` / :func:`load_full_optimizer_state`
+cut whole tensors into shards. Combines with ``model.grad_checkpointing``; on one process it is the
+plain path.
+Specification and notes: docs/engine/fsdp.md
 """
 from __future__ import annotations
 

@@ -1,35 +1,14 @@
 """DINOv2 losses: DINO cross-entropy on [CLS], iBOT masked-patch cross-entropy, KoLeo, and the
 teacher targets (centering with the lazy update, or Sinkhorn-Knopp).
 
-Official code: facebookresearch/dinov2 @ b8931f7 (``dinov2/loss/dino_clstoken_loss.py``,
-``ibot_patch_loss.py``, ``koleo_loss.py``; the normalisation is ``dinov2/train/ssl_meta_arch.py``):
-
-* :func:`dino_loss` -- ``DINOLoss.forward``: ``-sum_{s, t} mean_b <t_b, log_softmax(s_b / T_s)>`` over
-  every (student chunk, teacher chunk) pair. The training step divides it by the number of terms.
-* :func:`ibot_loss` -- ``iBOTPatchLoss.forward_masked``: cross-entropy at masked patches only, each
-  image's masked patches weighted ``1 / #masked in that image``, summed, divided by the number of
-  images; :func:`ibot_loss_dense` is ``iBOTPatchLoss.forward`` (all patches, mask-weighted mean).
-* :func:`koleo_loss` -- ``KoLeoLoss``: L2-normalise, nearest neighbour by inner product (diagonal
-  set to -1), ``-mean log(||x_i - x_nn(i) + eps|| + eps)`` (``nn.PairwiseDistance`` adds ``eps``
-  inside the norm). ``group``: the neighbours are searched over every process's rows (all-gather
-  with gradients), so 2 processes x B equal 1 x 2B; the official code uses the per-GPU batch
-  (``group=False`` here).
-* :class:`Centering` -- the teacher's centre as buffers with the official *lazy* update:
-  :meth:`Centering.update` only records the batch mean (reduced over processes),
-  :meth:`Centering.softmax` first folds a pending update in (``c <- m c + (1 - m) mean``), then returns
-  ``softmax((t - c) / T_t)``. So the centre used at step k includes batches up to k - 1, exactly as
-  the official asynchronous all-reduce. The pending mean is a buffer, so a checkpoint taken between
-  the two calls resumes exactly.
-* :func:`sinkhorn_teacher` -- ``sinkhorn_knopp_teacher`` (DINO and iBOT): Sinkhorn-Knopp on
-  ``exp(t / T_t)`` through :func:`visrep.losses.sinkhorn_logits` (log domain, finite in float32
-  where the official ``exp`` overflows). The official iBOT variant all-reduces the number of masked
-  patches; it only scales intermediate values and cancels in the result (each normalisation removes
-  any constant factor), so the shared iteration gives the same targets.
-
-Distributed behaviour: the cross-entropies are per-sample means (each process its share; DDP's
-gradient average makes 2 x B equal 1 x 2B). The centres are means over every process's rows. Where
-the official patch centre averages per-process means (``mean(1)`` then ``/ world``), here it is the
-mean over every process's masked patches (identical on one process and when the counts agree).
+Official code: facebookresearch/dinov2 @ b8931f7 (``dinov2/loss/*``; the normalisation is
+``dinov2/train/ssl_meta_arch.py``). :func:`dino_loss`, :func:`ibot_loss` / :func:`ibot_loss_dense`,
+:func:`koleo_loss`, :class:`Centering` and :func:`sinkhorn_teacher` follow ``DINOLoss``,
+``iBOTPatchLoss``, ``KoLeoLoss`` and ``sinkhorn_knopp_teacher``. Differences: KoLeo neighbours over
+every process's rows (``group``; official: per-GPU batch, ``group=False``); centres are means over
+every process's rows (official patch centre: mean of per-process means); Sinkhorn in the log domain
+(finite where the official ``exp`` overflows). The centre update is lazy, as the official one.
+Specification and notes: docs/losses/dino.md
 """
 from __future__ import annotations
 

@@ -1,23 +1,15 @@
 """The prototype family's building blocks (MSN, PMSN, PAWS): soft nearest neighbours, sharpening,
 ME-MAX in both official forms, a KL-to-prior term with an explicit direction, and the two losses.
 
-Everything is a pure function; batch statistics (the ME-MAX mean, the Sinkhorn sums, PAWS's
-supports) are reduced over the processes of an explicit ``group`` through
-:mod:`visrep.distributed` (identity on one process), so 2 processes x B equal 1 process x 2B.
+Pure functions; batch statistics are reduced over an explicit ``group`` (:mod:`visrep.distributed`),
+so 2 processes x B equal 1 process x 2B. With ``n(x) = x / ||x||``::
 
-Formulas (``n(x) = x / ||x||``)::
-
-    snn(q, S, Y)  = softmax(n(q) n(S)^T / tau) Y                 soft nearest neighbours [N, K]
+    snn(q, S, Y)  = softmax(n(q) n(S)^T / tau) Y
     sharpen(p, T) = p^(1/T) / sum_k p^(1/T)
-    me_max (MSN)  = sum_k pbar_k log pbar_k + log K  = KL(pbar || U) >= 0   (pbar: mean of p)
-    me_max (PAWS) = sum_k pbar_k log pbar_k          = -H(pbar)             (pbar: mean of sharpen(p))
-    prior_kl(pbar, pi, "mean_to_prior") = KL(pbar || pi)   (equals MSN's me_max for pi = U)
-    prior_kl(pbar, pi, "prior_to_mean") = KL(pi || pbar)   (lightly's PMSNLoss)
+    me_max (MSN)  = sum_k pbar_k log pbar_k + log K;  me_max (PAWS) = sum_k pbar_k log pbar_k
 
-References: facebookresearch/msn @ 4388dc1 ``src/losses.py`` (``init_msn_loss``,
-``distributed_sinkhorn``) and facebookresearch/suncet @ 731547d ``src/losses.py``
-(``init_paws_loss``, ``make_labels_matrix``); parity in ``tests/parity/test_msn_parity.py`` and
-``test_paws_parity.py``.
+References: facebookresearch/msn @ 4388dc1 and facebookresearch/suncet @ 731547d (``src/losses.py``).
+Specification and notes: docs/losses/prototypes.md
 """
 from __future__ import annotations
 

@@ -1,54 +1,18 @@
 """DINOv2: self-distillation with a DINO [CLS] loss, an iBOT masked-patch loss and KoLeo.
 
 Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024; official
-code facebookresearch/dinov2 @ b8931f7 (``dinov2/train/ssl_meta_arch.py``, ``train/train.py``,
-``configs/ssl_default_config.yaml``).
+code facebookresearch/dinov2 @ b8931f7 (``dinov2/train/ssl_meta_arch.py``, ``train/train.py``).
 
-    for each batch: 2 global crops g (224) and n_local local crops l (96), iBOT masks on half of g
-        with no_grad:                                                   # teacher: EMA, no drop-path
-            c, p = teacher_backbone(g)                                  # [CLS], patch tokens
-            c = swap(c)                                                 # crop A <-> crop B targets
-            t_cls = target(teacher_head(c)); t_patch = target(teacher_head(p[masked]))
-            # target: centering softmax((t - center) / T_t), center updated lazily, or Sinkhorn-Knopp
-        s_g = student_backbone(g, mask=masks); s_l = student_backbone(l)   # crops of equal size batched
-        loss = [sum_{local, 2 teacher} CE + 2 * CE(global)] / (2 + 2 n_local)     # normaliser 18 for 8 locals
-             + 0.1 * sum_{global crop} KoLeo(s_g [CLS] before the head)
-             + 1.0 * iBOT CE at masked patches (1 / #masked per image, / #images)
-        AdamW: lr = base * sqrt(batch / 1024), layer-wise decay, patch-embed lr x 0.2, last layer lr 0
-        in the first epoch, per-module grad clip 3.0; teacher <- EMA (cosine 0.992 -> 1)
+    g, l = 2 global crops (iBOT masks on half of them), n_local local crops
+    with no_grad: t_cls, t_patch = targets (centering or Sinkhorn) of EMA teacher(g), crops A <-> B
+    s_g = student(g, mask=masks); s_l = student(l)
+    loss = DINO CE over (student crop, teacher crop) pairs / (2 + 2 n_local)
+         + 0.1 * KoLeo(s_g [CLS]) + 1.0 * iBOT CE at masked patches
+    AdamW (lr x sqrt(batch / 1024), layer decay, grad clip 3.0); teacher <- EMA (0.992 -> 1)
 
-Follows the released code (see ``../shared/reference/methods.md`` section 7), with these choices:
-
-* **Blur** as executed by the code (global crop 1 never blurred, crop 2 with p = 0.9, locals 0.5;
-  dinov2 PR #411); ``blur=paper`` gives the paper's (1.0, 0.1, 0.5).
-* **KoLeo** neighbours are searched over every process's global-crop [CLS] tokens
-  (``koleo_scope=global``, so 2 processes x B equal 1 x 2B); ``koleo_scope=local`` is the official
-  per-GPU batch.
-* **Masks**: as the official collate, ``mask_probability`` of the global crops get iBOT masks and the
-  student sees them masked whether or not the iBOT loss is on (``ibot_loss_weight=0`` still masks; set
-  ``mask_probability=0`` for unmasked crops, as the distillation recipes do).
-* **Centres** are means over every process's rows (the official patch centre averages per-GPU
-  means; equal on one process). The update is recorded in buffers and applied at the next step,
-  exactly as the official asynchronous all-reduce.
-* **Drop path**: a uniform rate (``drop_path_uniform``, official); as the official block, rates above
-  0.1 run each residual branch on a random subset of ``max(int(b (1 - p)), 1)`` samples scaled by
-  ``b / subset`` (``drop_path_mode=batch_subset``), lower rates use per-sample DropPath; the
-  teacher has none. The subsets come from torch's global RNG (as the official code).
-* **Schedules**: the lr / wd schedules are the engine's (linear warmup from ``optim.start_lr``,
-  cosine to ``optim.final_lr``; wd cosine 0.04 -> 0.4); the sqrt batch scaling
-  (``optim.lr_batch_ref: 1024``, ``optim.lr_batch_scaling: sqrt``) scales the whole schedule, so
-  ``final_lr`` is scaled too (official: only the peak). "Epochs" of the teacher temperature
-  warm-up and the last-layer freeze are ``epoch_length`` iterations (official: 1250).
-* **Large models**: ``train.parallel=fsdp`` shards the student with FSDP2 (each backbone block a unit,
-  then the heads, patch embedding and tokens in the root unit; :mod:`visrep.engine.fsdp`); the teacher
-  (no gradients) stays replicated and its EMA update gathers the student one parameter at a time;
-  checkpoints keep DDP's format. ``model.grad_checkpointing`` recomputes the student's blocks in
-  backward and combines with it (the teacher runs without gradients). As the official code, the
-  teacher could be sharded too (then the EMA needs no communication); not done here.
-* **Distillation** (``teacher_checkpoint``): the teacher (backbone and heads) is loaded from a
-  visrep DINOv2 checkpoint and frozen; an EMA of the student (``student_ema``) is the model that is
-  evaluated and exported (paper section 5; the repository has no distillation code). Masking,
-  iBOT and drop-path are whatever the config says (the paper's recipe: no masking, no drop path).
+Differences from the official code: blur as its code executes it (``blur=paper``: the paper's), KoLeo
+over every process (``koleo_scope=local``: official), centres over every process's rows, sqrt scaling
+of the whole lr schedule. Specification, FSDP and distillation notes: docs/methods/dinov2.md
 """
 from __future__ import annotations
 

@@ -5,26 +5,14 @@ Architecture", CVPR 2023; official code facebookresearch/ijepa @ 52c1ae9 (src/tr
 
     for each batch of images x:
         masks_enc, masks_pred = multiblock(x)                   # 1 context, 4 target blocks
-        with no_grad:
-            h = LN(target_encoder(x))                           # full image, non-affine LN
-            h = h[masks_pred], repeated once per context mask
+        with no_grad: h = LN(target_encoder(x))[masks_pred]     # full image, non-affine LN
         z = predictor(encoder(x[masks_enc]), masks_enc, masks_pred)
         loss = smooth_l1(z, h)                                  # paper: L2 -> method.loss=l2
-        step AdamW (cosine lr, cosine wd, no wd on biases/norms)
-        target_encoder <- m * target_encoder + (1 - m) * encoder   (m: linear 0.996 -> 1)
+        step AdamW; target_encoder <- EMA (m: linear 0.996 -> 1)
 
-Follows the released code where it differs from the paper: smooth-L1 loss (``loss=l2`` for the
-paper's), no augmentation but RandomResizedCrop(0.3, 1), per-batch block sizes. The collator's
-``mask_mode=official`` reproduces the reference masks (which may overlap / may hang on small grids);
-the default never overlaps and always terminates. Probe features (``features``) are the paper's:
-average-pooled last-layer tokens of the target encoder.
-
-Initialisation as the official training path (``src/helper.py:init_model``): every ``nn.Linear`` of
-encoder and predictor is re-drawn from trunc_normal(0.02) after construction, which undoes the
-per-layer 1/sqrt(2 * layer) rescale of ``attn.proj`` / ``mlp.fc2``; ``method.rescale_init=true``
-keeps that rescale (the model classes' own init). The predictor's MLP ratio is 4 whatever the
-encoder's. Weight decay as ``init_opt``: every parameter except names containing ``bias`` and 1-D
-tensors (so the predictor's ``mask_token`` is decayed).
+Follows the released code (smooth-L1, RandomResizedCrop(0.3, 1) only, per-batch block sizes, init
+and weight decay as ``init_model`` / ``init_opt``); masks never overlap unless ``mask_mode=official``.
+Specification and notes: docs/methods/ijepa.md
 """
 from __future__ import annotations
 

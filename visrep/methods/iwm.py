@@ -1,25 +1,18 @@
 """IWM: Image World Models -- a JEPA whose predictor is told how the target view was transformed.
 
 Garrido et al., "Learning and Leveraging World Models in Visual Representation Learning",
-arXiv 2403.00504. No official code is public; built on the I-JEPA code path (same encoder,
-predictor, EMA, schedules, init) with what the paper specifies:
+arXiv 2403.00504. No official code is public; built on the I-JEPA code path.
 
-    for each batch of images:
-        I' = random crop + flip                                  # shared by both views
-        y  = jitter(I')              (p 0.8: brightness .4, contrast .4, saturation .2, hue .1)
-        x  = jitter'(I') + grayscale (p .2) + blur (p .2) + solarize (p .1)
-        a  = action(x -> y): target - source jitter parameters, source's destructive flags
-        masks: 4 target blocks (15-20 %), context = the rest of x (``enc_mask_scale`` (1, 1))
-        with no_grad: h = LN(target_encoder(y))[targets]
-        z = predictor(encoder(x[context]), targets, condition=a)  # feature or sequence conditioning
-        loss = smooth_l1(z, h); AdamW; EMA as I-JEPA
+    y = jitter(crop(I)); x = jitter'(crop(I)) + grayscale + blur + solarize    # shared crop + flip
+    a = action(x -> y)                                       # visrep.data.views
+    masks: 4 target blocks (15-20 %), context = the rest of x
+    with no_grad: h = LN(target_encoder(y))[targets]
+    z = predictor(encoder(x[context]), targets, condition=a); loss = smooth_l1(z, h); EMA as I-JEPA
 
-Choices the paper leaves open (ours, documented in :mod:`visrep.data.views`): parameters
-normalised to [-1, 1] (jitter) and [0, 1] (blur sigma, flags); the jitter ops in a fixed order;
-feature conditioning as a residual ``t + MLP([t ; a])`` whose last layer starts at zero (so an
-untrained conditioned predictor is I-JEPA's). The solarize probability is the appendix table's 0.1
-(the prose says 0.2). Capacity decides invariance: predictor depth 12 gives IWM^Inv, 18 IWM^Equi.
-Probe features: average-pooled last-layer tokens of the target encoder, as I-JEPA.
+Our choices where the paper is silent: the action's normalisation, fixed jitter order, feature
+conditioning as a zero-started residual; solarize p = 0.1 (table; prose 0.2). Predictor depth 12
+gives IWM^Inv, 18 IWM^Equi.
+Specification and notes: docs/methods/iwm.md
 """
 from __future__ import annotations
 

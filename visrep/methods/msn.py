@@ -2,45 +2,17 @@
 
 Assran et al., "Masked Siamese Networks for Label-Efficient Learning", ECCV 2022; official code
 facebookresearch/msn @ 4388dc1 (``src/msn_train.py``, ``src/losses.py``, ``src/deit.py``).
-PMSN: Assran et al., "The Hidden Uniform Cluster Prior in Self-Supervised Learning", ICLR 2023
-(no official code).
+PMSN: Assran et al., "The Hidden Uniform Cluster Prior in Self-Supervised Learning", ICLR 2023 (no code).
 
-    for each batch of images x:
-        t, a_1..a_R = R + 1 random crops of x (rand_size), f_1..f_F = F focal crops (focal_size)
-        a_1..a_R lose a random subset of patches (patch_drop, one permutation for the whole batch);
-        the focal views are not masked
-        with no_grad: h = head'(target_encoder'(t))          # unmasked, EMA copy of encoder + head
-        z = head(encoder([a_1..a_R], idx_keep)), head(encoder([f_1..f_F]))    # one call per size
-        loss = CE(sinkhorn(sharpen(snn(h, P), T)), snn(z, P)) + me_max(mean snn(z, P))
-        step AdamW; prototypes P: no weight decay, gradient summed over processes
-        target <- m * target + (1 - m) * online               (m: 0.996 -> 1 over 1.25 x steps)
+    t, a_1..a_R = R + 1 random crops (a_i lose patches: patch_drop); f_1..f_F = F focal crops
+    with no_grad: h = head'(target_encoder'(t))           # unmasked EMA copy of encoder + head
+    z = head(encoder([a_1..a_R], idx_keep)), head(encoder([f_1..f_F]))   # one call per size
+    loss = CE(sinkhorn(sharpen(snn(h, P), T)), snn(z, P)) + me_max(mean snn(z, P))
+    AdamW (prototypes P: no wd, gradient summed over processes); target <- EMA (0.996 -> 1)
 
-``snn(z, P) = softmax(cos(z, P) / tau)``; P are free parameters normalised only inside the loss.
-Representation = [CLS] after the final LayerNorm, then the projection head; each run of views of
-one size goes through encoder and head in one batched call (BN statistics per run, as the official
-``deit.forward``). The target encoder stays in train mode (BN uses target-batch statistics) and keeps
-its own BN running statistics: the EMA covers parameters only (official ``train_step``).
-
-Follows the released code (``configs/pretrain/msn_vits16.yaml``): T = 0.25 sharpening (linear
-schedule ``method.sharpen``), 3 Sinkhorn iterations on the targets, ME-MAX = ``sum pbar log pbar +
-log K`` with weight 1, the per-sample entropy term (weight 0 in the release), learned position
-embeddings bicubically resized in the model dtype for the focal crops, init as ``init_model``
-(every Linear trunc_normal(0.02), zero bias; patch projection kaiming_normal(fan_in, relu)),
-weight decay on everything except names with ``bias`` / ``bn`` and 1-D tensors, gradient clipping
-(``method.clip_grad``, 3.0) on encoder + head only, after the prototype gradient is summed over
-processes (``method.proto_grad_reduce=sum``: the official ``AllReduceSum`` -- prototypes are outside
-DDP there; under AdamW a constant scale cancels up to eps; ``mean`` makes 2 processes exactly equal
-1 process). Probe features (``features``): the target encoder's last-block [CLS] *without* the
-final LayerNorm, no head (the official ``forward_blocks(x, 1)`` of ``logistic_eval.py``).
-
-PMSN (``method.name=pmsn``, or ``method.prior=power_law`` on ``msn``): the ME-MAX term becomes a KL
-divergence to the prior ``pi_k ∝ k^(-prior_exponent)`` (0.25 by default) and the Sinkhorn step
-balances the targets to the same marginal (``sinkhorn_follows_prior``), so that the two terms do not
-pull towards different marginals. Direction (``method.kl_direction``): default ``mean_to_prior`` =
-KL(pbar || pi), the paper's regulariser written as the generalisation of MSN's ME-MAX (which it
-equals for the uniform prior: MSN's term is exactly KL(pbar || U)); ``prior_to_mean`` = KL(pi ||
-pbar) is what lightly's ``PMSNLoss`` computes. The paper's exact formula is not verified here (no
-official code; see the reference notes, section 5), so both are available.
+Follows the released code (``configs/pretrain/msn_vits16.yaml``). PMSN (``method.name=pmsn``): KL to
+the prior ``pi_k ∝ k^(-prior_exponent)``, default KL(pbar || pi) (``method.kl_direction``).
+Specification and notes: docs/methods/msn.md
 """
 from __future__ import annotations
 

@@ -1,37 +1,17 @@
 """PAWS: semi-supervised learning by predicting view assignments with support samples.
 
 Assran et al., "Semi-Supervised Learning of Visual Features by Non-Parametrically Predicting View
-Assignments with Support Samples", ICCV 2021; official code facebookresearch/suncet @ 731547d
-(``src/paws_train.py``, ``src/losses.py``, ``src/data_manager.py``, ``src/lars.py``).
+Assignments with Support Samples", ICCV 2021; official code facebookresearch/suncet @ 731547d.
 
-    each step: U unlabelled images -> 2 large views u1, u2 + M small views;
-               S labelled supports (classes x per_class images, each in V views; smoothed labels Y)
-    h = head(encoder([supports, u1, u2]))   (one call: one BN group)   h_mc = head(encoder(small views))
-    z = pred(h) (identity without a prediction head)
-    p = snn(z_views, z_supports, Y)                    # softmax(cos / tau) Y; supports gathered
-    with no_grad: t = sharpen(snn(h_views swapped (u2 | u1), h_supports, Y), T);
-                  small views get mean(t_u1, t_u2); t[t < 1e-4] = 0
-    loss = CE(t, p) + sum pbar log pbar,  pbar = mean sharpen(p)    (ME-MAX on sharpened anchors)
-    step SGD (momentum 0.9) in LARS (biases and BN excluded), weight decay 1e-6
+    U unlabelled images -> 2 large views u1, u2 + M small views; S labelled supports, labels Y
+    h = head(encoder([supports, u1, u2])); z = pred(h)      # one call: one BN group
+    p = snn(z_views, z_supports, Y)                          # supports gathered over processes
+    with no_grad: t = sharpen(snn(h_views swapped, h_supports, Y), T)
+    loss = CE(t, p) + sum pbar log pbar (pbar = mean sharpen(p)); SGD in LARS, wd 1e-6
 
-No teacher: targets come from the same network without gradient. The main stream is the whole
-training set (labelled images included, as the official code); the ``supports`` stream draws
-``classes x per_class`` images per step and process (each process its own) from a labelled subset:
-``labels_per_class`` images per class, a ``label_fraction`` of each class (chosen once from the
-seed), or the images of a label-split file (``method.labels_file``, written by
-:func:`visrep.data.subsets.write_label_split`). The loss all-gathers the supports (gradients flow
-back to each rank's own). Labels are smoothed one-hot rows over the dataset's classes (off = eps / C,
-on = 1 - eps + off): the official labels matrix has the step's C classes as columns -- the same when
-every class is in every step (the CIFAR-10 and Fashion-MNIST settings).
-
-Backbone (``method.backbone``): our ViT ([CLS] token after the final norm), torchvision ResNets, or
-the official CIFAR-10 WRN-28-2 (``wrn28_2``, official key names, dropout 0 as ``init_model``).
-Projection head ``fc1-bn1-relu1-fc2-bn2-relu2-fc3`` (official ``init_model``), optional prediction
-head (ImageNet recipe). Probe features (``features``) are the backbone's output (before the heads);
-the soft nearest-neighbour classifier of the paper is :meth:`PAWS.snn_classify` (embeddings after
-the projection head, cosine, tau).
-Fine-tuning on the very images whose labels pretraining used: ``visrep eval CKPT --protocols finetune --set
-eval.finetune_subset=labelled`` (:meth:`PAWS.labelled_subset`).
+No teacher. Supports come from their own stream (``labels_per_class``, ``label_fraction`` or
+``method.labels_file``); backbones: our ViT, torchvision ResNets or the official WRN-28-2.
+Specification and notes: docs/methods/paws.md
 """
 from __future__ import annotations
 

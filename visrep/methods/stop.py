@@ -3,25 +3,15 @@
 Bar et al., "Stochastic positional embeddings improve masked image modeling", ICML 2024 (v1:
 FlexPredict); official code amirbar/StoP @ 72206b3 (``main.py``, ``src/deit.py``).
 
-    for each batch of images x:
-        masks_enc, masks_pred = multiblock(x)
-        n_j ~ N(0, sigma^2 I) in the encoder's width, one per target token       # here: prepare_batch
-        with no_grad:
-            h = LN(mean of the target encoder's last K normed blocks)(x)[masks_pred]
-        t_j = pos_j + predictor_embed(n_j)            # the context's own projection, bias included
-        z = predictor(encoder(x[masks_enc]), t)      # no mask token
-        loss = smooth_l1(z, h); AdamW; EMA as I-JEPA
+    masks_enc, masks_pred = multiblock(x); n_j ~ N(0, sigma^2 I) in the encoder's width
+    with no_grad: h = LN(mean of the target encoder's last K normed blocks)(x)[masks_pred]
+    t_j = pos_j + predictor_embed(n_j)            # the context's own projection, no mask token
+    z = predictor(encoder(x[masks_enc]), t); loss = smooth_l1(z, h); AdamW; EMA as I-JEPA
 
-Follows the released code: sigma is the noise *standard deviation* (the YAML key is ``var``),
-0.25 for ViT-B/L and 0.2 for ViT-H; the only anti-collapse device is the weight tying of the noise
-projection with the context projection (no extra regulariser in the code); target rows paired with
-``torch.repeat_interleave`` (``method.pairing=rows``; ``blocks`` pairs them as I-JEPA -- the two
-agree for one context mask, as in every released config); ``target_blocks`` K (1 in the configs).
-Where the code differs from what one would expect: the noise is also applied in eval mode there
-(``method.stop_eval_noise=true``); by default the predictor is deterministic at evaluation
-(``pos + bias``, the noise mean). Init, weight decay and schedules are I-JEPA's (the same
-``init_model`` / ``init_opt``). The noise is drawn from the step generator in ``prepare_batch``, so
-resumed and distributed runs see exactly the noise of an uninterrupted single-process run.
+Follows the released code (sigma is a standard deviation: 0.25 ViT-B/L, 0.2 ViT-H). Difference: the
+predictor is deterministic at evaluation (``pos + bias``); ``method.stop_eval_noise=true`` adds noise
+in eval mode too, as the official code.
+Specification and notes: docs/methods/stop.md
 """
 from __future__ import annotations
 

@@ -3,22 +3,14 @@
 Nguyen et al., "An Image is Worth More Than 16x16 Patches: Exploring Transformers on Individual
 Pixels" (arXiv 2406.09415). No official code; the recipe is the usual DeiT/timm one:
 
-    for each batch of labelled images (x, y):
-        x = RandomResizedCrop + flip (+ RandAugment)                 # per sample, batched
-        x, t = mixup / cutmix (x, y), label smoothing                 # soft targets t (timm Mixup)
-        logits = head(pool(ViT(x)))                                   # patch_size 1: each pixel a token
-        loss = cross_entropy(logits, t)
-        step AdamW (warm-up + cosine lr, weight decay except biases, norms, tokens, positions)
+    x = RandomResizedCrop + flip (+ RandAugment); x, t = mixup / cutmix (x, y), label smoothing
+    loss = cross_entropy(head(pool(ViT(x))), t)                  # patch_size 1: each pixel a token
+    step AdamW (warm-up + cosine lr, weight decay except biases, norms, tokens, positions)
 
-Pixel tokens are ``model.patch_size=1`` with ``model.pos_embed=learned`` (no 2-D prior);
-``model.pixel_permutation=<seed>`` is the locality control (a fixed pixel order for every image).
-Probe features are the pooled, final-normed tokens (``pool``: average of the patch tokens or the
-[CLS] token); :meth:`classify` gives the trained head's logits.
-
-RandAugment is torchvision's (tensor images; timm's operates on PIL images one at a time): one op
-pair is drawn per group of ``randaugment_group`` images, so a batch costs ``B / group`` calls, not B.
-Mixup / CutMix are timm's ``Mixup`` (batch mode: image i mixes with image B-1-i). Every random
-draw comes from the step's generator, so resumed runs are exact.
+Pixel tokens: ``model.patch_size=1``, ``model.pos_embed=learned``; ``model.pixel_permutation`` is the
+locality control. RandAugment per group of ``randaugment_group`` images (torchvision), Mixup / CutMix
+timm's; every draw from the step's generator.
+Specification and notes: docs/methods/supervised.md
 """
 from __future__ import annotations
 

@@ -1,25 +1,16 @@
 """DiT: a diffusion transformer with adaLN-Zero conditioning (Peebles & Xie, "Scalable Diffusion
 Models with Transformers", ICCV 2023), built from timm's layers.
 
-    x [B, C, H, W] (pixels or VAE latents), t [B] (timesteps), y [B] (labels; num_classes = null)
-    tokens = PatchEmbed_p(x) + pos                   # any p, 1 included: each pixel a token (PiT)
-    c      = TimestepEmbed(t) + LabelEmbed(y)        # sinusoid -> MLP; a learned null class for CFG
-    for each block:                                  # adaLN-Zero
-        shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c))     # zero-initialised
-        tokens += gate1 * Attention(LN(tokens) * (1 + scale1) + shift1)    # SDPA (timm Attention)
+    tokens = PatchEmbed_p(x) + pos; c = TimestepEmbed(t) + LabelEmbed(y)   # any p, 1 included
+    for each block:                                  # adaLN-Zero, modulation zero-initialised
+        shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c))
+        tokens += gate1 * Attention(LN(tokens) * (1 + scale1) + shift1)
         tokens += gate2 * MLP(LN(tokens) * (1 + scale2) + shift2)
-    out = Linear(LN(tokens) * (1 + scale) + shift)   # final adaLN layer, zero-initialised
-    return unpatchify(out)                           # [B, C (x2 with learn_sigma), H, W]
+    return unpatchify(Linear(LN(tokens) * (1 + scale) + shift))   # final adaLN layer, zero-init
 
-With every modulation linear at zero, each block starts as the identity (the gates are 0) and the
-network predicts 0; this is the paper's best-performing conditioning. Initialisation as the paper's
-code: xavier-uniform linears (the patch projection as a linear), N(0, 0.02) label table and
-timestep MLP. Position embeddings: fixed 2-D sin-cos (DiT) or learned (``pos_embed="learned"``,
-random init, no 2-D prior: PiT's pixels-as-tokens setting). ``learn_sigma`` doubles the output
-channels (DiT's learned variance); epsilon prediction alone uses the first ``in_chans``.
-``num_classes=0``: unconditional (no label table). ``grad_checkpointing`` recomputes each block's
-activations in the backward pass. State-dict keys follow the official DiT code (``x_embedder.proj``,
-``t_embedder.mlp``, ``y_embedder.embedding_table``, ``blocks.N.adaLN_modulation.1``, ``final_layer``).
+Initialisation and state-dict keys as the official DiT code; ``pos_embed="learned"`` for PiT's
+pixels-as-tokens setting, ``learn_sigma``, ``num_classes=0`` (unconditional), ``grad_checkpointing``.
+Specification and notes: docs/models/dit.md
 """
 from __future__ import annotations
 

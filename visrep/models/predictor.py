@@ -7,32 +7,11 @@ encoder's tokens at ``masks`` (one index tensor per target block):
     t_j    = target_tokens(pos[masks_j])              # I-JEPA: mask_token + pos
     out_j  = proj(norm(blocks([x ; t_j])))[:, N_ctx:]  # each target block in its own sequence
 
-Output rows are ordered (target block j, context mask i, sample b), the official order. The last
-block computes queries, projection and MLP only for the target tokens (``block_tail``): the
-official code computes them for the context tokens too and then discards them. StoP
-(stochastic positions) and IWM (conditioning) only change ``target_tokens`` / the sequence.
-
-StoP / FlexPredict (``stop_sigma`` set; amirbar/StoP ``src/deit.py``): target tokens are
-``pos_j + predictor_embed(n_j)`` with ``n_j ~ N(0, stop_sigma^2)`` drawn in the *encoder's* width and
-projected by the same Linear that embeds the context (bias included), so the predictor cannot shrink
-the noise without shrinking its input; no mask token (it stays in the state dict, frozen, as in the
-official checkpoints). Noise comes from ``forward(..., noise=)`` (the method draws it from the step
-generator) or is drawn here in training mode. In eval mode the tokens are deterministic,
-``pos_j + predictor_embed.bias`` (the noise mean); ``stop_eval_noise=True`` keeps the official
-behaviour, which adds noise in eval mode too.
-
-IWM (``conditioning`` with ``cond_dim`` parameters, ``forward(..., cond=[B, cond_dim])``): the
-predictor is told the transformation between source and target view.
-``"feature"``: each target token ``t`` becomes ``t + g * MLP([t ; a])`` (``cond_mlp_layers`` layers
-mixing the concatenation back to the predictor's width) with a learned scalar gate ``g`` that
-starts at 0, so an untrained conditioned predictor is exactly I-JEPA's and ``g = 0`` switches the
-conditioning off (the paper only says "concatenated and mixed back with a 3-layer MLP"; the gated
-residual form is ours). ``"sequence"``: ``cond_dim`` extra tokens,
-token ``k`` = ``a_k * w_k + b_k`` with its own projection, appended to the context of every sequence.
-MAE's decoder is this predictor with ``out_dim`` = pixels per patch (the decoder reads the visible
-tokens and predicts the masked ones); ``pos_embed="learned"`` for pixel tokens (no 2-D prior).
-State-dict keys are the official ones (``predictor_embed``, ``mask_token``, ``predictor_pos_embed``,
-``predictor_blocks``, ``predictor_norm``, ``predictor_proj``).
+Output rows in the official order; the last block computes only the target tokens (``block_tail``).
+StoP (``stop_sigma``: ``pos_j + predictor_embed(noise)``, deterministic in eval by default) and IWM
+(``conditioning``: ``"feature"`` or ``"sequence"``) change only ``target_tokens`` / the sequence; MAE's
+decoder is this predictor. State-dict keys are the official ones.
+Specification and notes: docs/models/predictor.md
 """
 from __future__ import annotations
 

@@ -1,26 +1,14 @@
 """A masked Vision Transformer built from timm's layers.
 
-One backbone for every method:
+One backbone for every method: any patch size (1 included) and number of channels; sin-cos or
+learned position embeddings (resized for other input sizes); optional [CLS], registers and CLIP
+options (``pre_norm``, QuickGELU, ``patch_bias=False``); two maskings, usable together: ``mask``
+(bool [B, N], iBOT/DINOv2: mask token before position embeddings) and ``idx_keep`` (I-JEPA/MSN:
+kept indices, a list processed as one batch in the official ``apply_masks`` order).
 
-* any patch size (1 included: pixels as tokens) and any number of input channels;
-* fixed 2-D sin-cos (I-JEPA) or learned (DINOv2) position embeddings, resized for other input
-  sizes (sin-cos: recomputed exactly; learned: bicubic, DINOv2's +0.1 offset);
-* optional [CLS] token and extra learned tokens (registers / Llip mixture tokens), the latter with
-  their own learned position embeddings when ``register_pos=True`` (CLIP/Llip layout: the position
-  table then covers [CLS], registers and patches, in that order);
-* the CLIP options: a LayerNorm before the blocks (``pre_norm``, official ``ln_pre``), QuickGELU
-  (``act_layer="quick_gelu"``) and a bias-free patch convolution (``patch_bias=False``);
-* two kinds of masking, usable together:
-  - ``mask`` (bool [B, N], iBOT/DINOv2): masked patch embeddings are replaced by a learned
-    ``mask_token`` *before* position embeddings are added;
-  - ``idx_keep`` (I-JEPA/MSN): a LongTensor [B, K] of patch indices to keep, or a list of them; a
-    list is processed as one batch, concatenated mask-major (the official ``apply_masks`` order),
-    so the encoder only ever sees kept tokens.
-
-Token order in the sequence: [CLS] (if any), registers, patches. State-dict keys follow timm / the
-official I-JEPA and DINOv2 code (``patch_embed.proj``, ``pos_embed``, ``cls_token``,
-``register_tokens``, ``mask_token``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
-mlp.fc2,ls2.gamma}``, ``norm``), so official checkpoints load without renaming (see ``visrep.hub``).
+Token order: [CLS], registers, patches. State-dict keys follow timm / the official I-JEPA and DINOv2
+code, so official checkpoints load without renaming (see ``visrep.hub``).
+Specification and notes: docs/models/vit.md
 """
 from __future__ import annotations
 

@@ -1,74 +1,18 @@
 """Memory-augmented ("critical gradient") optimizers: :class:`SGDC`, :class:`AdamC`, :class:`RMSpropC`.
 
-McRae, Parthasarathi, Assran, Chandar, "Memory Augmented Optimizers for Deep Learning", ICLR 2022.
-Every parameter tensor keeps a buffer ``B`` of at most ``C = topc`` past gradients, ranked by a priority
-(a gradient norm). One step, for every parameter with a gradient ``g``:
+McRae et al., "Memory Augmented Optimizers for Deep Learning", ICLR 2022; official code
+chandar-lab/CriticalGradientOptimization @ 1af4b1d (``optimizers/optim.py``, ``prioritydict.py``).
 
-1. priority ``q = sum_{p in group} ||grad p||_2`` (``synced=True``: one value for the whole group, a sum of
-   per-tensor norms, not the global norm) or ``q = ||g||_2`` (``synced=False``), from the raw gradients;
-2. ``g_hat = aggregate(g, B)`` from the buffer *before* ``g`` is inserted (``g_hat = g`` on the first step):
+    for every parameter with a gradient g (buffer B: the top C = topc past gradients by priority):
+        q = sum of the group's gradient norms (synced=True) or ||g||
+        g_hat = aggregate(g, B)                  # before inserting g; 'sum': g + kappa * mean(B)
+        insert g if |B| < C or q beats the lowest priority; every stored priority *= decay
+        base step (SGD with momentum / Adam / RMSprop) on g_hat + weight_decay * p
 
-   ========================  ==========================================
-   ``aggr``                  ``g_hat``
-   ========================  ==========================================
-   ``'sum'``                 ``g + kappa * mean(B)``
-   ``'mean'``                ``(g + kappa * sum(B)) / (|B| + 1)``
-   ``'mid'``                 ``(g + kappa * mean(B)) / 2``
-   ``'min'|'max'|'median'``  ``g + kappa * b``, ``b`` the stored gradient of lowest / highest / median priority
-   ``'<that>-mean'``         ``(g + kappa * b) / 2``
-   ========================  ==========================================
-
-3. insert ``g`` with priority ``q``: always while ``|B| < C``; into a full buffer ``g`` replaces the
-   lowest-priority gradient if ``q`` is larger (the buffer keeps the top ``C`` of ``B + {g}``);
-4. multiply every stored priority by ``decay`` (the stored gradients themselves are not decayed);
-5. run the base rule (SGD with momentum / Adam / RMSprop) on ``g_hat + weight_decay * p``.
-
-``kappa = 0`` means "no memory": no buffer is allocated and the optimizer is exactly its base optimizer.
-Parameters whose ``grad`` is None are skipped (their buffer is not decayed that step).
-
-The buffer lives in ``optimizer.state[p]`` as tensors, so ``state_dict()`` / ``load_state_dict()`` resume a
-run exactly: ``cg_grads`` ``[C, *p.shape]`` (stored gradients by slot, zero padded), ``cg_priorities``
-``[C]`` float64 (priority of each slot), ``cg_order`` ``[C]`` int64 (slot at each position of the reference's
-heap array) and ``cg_size`` (int).
-
-``reference_compat=True`` reproduces chandar-lab/CriticalGradientOptimization@1af4b1d
-(``optimizers/optim.py`` + ``prioritydict.py``) step for step, quirks included. Differences:
-
-=============================  ====================================  =================================================
-behaviour                      default (paper)                       ``reference_compat=True``
-=============================  ====================================  =================================================
-admission into a full buffer   exact top-C: compare with the true    heap-array quirk: the buffer is a python list;
-                               minimum, replace it                   insertion = append + ``heapq.heapify``, then drop
-                                                                     element 0 if over capacity (no re-heapify);
-                                                                     admission compares with element 0, which is not
-                                                                     always the minimum
-``kappa`` in AdamC / RMSpropC  scales the memory term                ignored (always 1); only ``kappa > 0`` switches
-                                                                     the memory on
-``kappa = 0``                  base optimizer exactly (SGDC keeps    SGDC: plain SGD, momentum and dampening silently
-                               momentum)                             ignored; AdamC / RMSpropC: base optimizer (the
-                                                                     reference crashes with KeyError)
-weight decay                   added after aggregation; the buffer   SGDC: added before buffering (stored gradients
-                               holds raw loss gradients              include ``wd * p``); AdamC / RMSpropC: after
-                                                                     aggregation
-``critical_test``              no effect (the top C are kept         admission test against element 0 (off: always
-                               either way)                           append, heapify, drop element 0); RMSpropC
-                                                                     ignores the flag (test always on)
-``'min'|'max'|'median'``       by true priority                      ``'min'`` takes heap-array element 0; the chosen
-                                                                     stored gradient is multiplied by ``kappa`` in
-                                                                     place (the reference mutates its buffer)
-``nesterov`` (SGDC)            supported (as torch.optim.SGD)        same extension (the reference has none)
-``sampling`` strategies        keep-the-highest only                 same ('random', 'proportional', ... and the
-                                                                     ``g_analysis`` / ``offline_grad`` statistics of
-                                                                     the reference are not implemented)
-argument checks                ``kappa >= 0``, ``topc >= 1``,        same (the reference accepts anything)
-                               ``0 <= decay <= 1``, known ``aggr``
-=============================  ====================================  =================================================
-
-In both modes the sums over the buffer run in slot order rather than the reference's heap-array order, and
-priorities are float64 sums of ``torch._foreach_norm`` values (the reference keeps them in the gradient dtype):
-results agree with the reference to floating-point reassociation (an admission decision could only flip in a
-near tie). The default mode never reads a tensor on the host (no GPU sync); reference_compat replays the heap
-on the host, one sync per parameter group and step.
+Default: the paper (exact top-C, ``kappa`` scales the memory, ``kappa = 0`` is exactly the base
+optimizer, weight decay after aggregation, no host sync); ``reference_compat=True`` reproduces the
+official code step for step, heap-array quirks included. The buffer lives in ``optimizer.state``.
+Specification and notes: docs/optim/critical.md
 """
 from __future__ import annotations
 
