@@ -501,3 +501,24 @@ def test_compile_default_is_off_on_cpu(tmp_path):
     assert make_cfg(tmp_path).train.compile is None
     trainer = Trainer(make_cfg(tmp_path), EMAToy(), ToyData())
     assert trainer.compile_pending is False and trainer.model is trainer.eager_model
+
+
+def test_schedule_offset_follows_the_method_and_the_config(tmp_path):
+    """Step i uses the schedules at i + offset: 1 by default (I-JEPA / MSN counters incremented before
+    use), 0 for a method whose official scheduler is stepped after the optimizer (PAWS), and
+    ``optim.schedule_offset`` overrides the method."""
+    import dataclasses
+
+    def lrs(method, **optim_kw):
+        cfg = make_cfg(tmp_path, epochs=4)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, start_lr=0.0, lr=1.0, warmup_epochs=1,
+                                                                 **optim_kw))
+        trainer = Trainer(cfg, method, ToyData())
+        return [trainer.lr_schedule(i) for i in range(3)], trainer.steps_per_epoch
+
+    (a, spe) = lrs(ToyMethod())
+    assert a == pytest.approx([1 / spe, 2 / spe, 3 / spe])
+    after = ToyMethod()
+    after.schedule_offset = 0
+    assert lrs(after)[0] == pytest.approx([0.0, 1 / spe, 2 / spe])
+    assert lrs(after, schedule_offset=1)[0] == pytest.approx(a)

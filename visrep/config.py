@@ -77,6 +77,8 @@ class OptimConfig:
     lars_eta: float = 0.001          # LARS trust coefficient (PAWS)
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)
+    schedule_offset: int | None = None  # step i uses the schedules at i + offset; null: the method's official
+                                     # convention (Method.schedule_offset: 1 I-JEPA/MSN/StoP, 0 PAWS)
     clip_grad: float | None = None
     lr_batch_ref: int | None = None  # lr is given for this global batch size; scaled with the rule below
     lr_batch_scaling: Literal["linear", "sqrt"] = "linear"  # x (batch / ref), or x sqrt(batch / ref) (DINOv2)

@@ -63,7 +63,7 @@ def test_paws_step(path):
     from visrep.optim.schedules import build_schedules
 
     fx = load_fixture(path)
-    c, t = fx.config, fx.tensors
+    c = fx.config
     crit = c["args"]["criterion"]
     method, cfg = build(fx)
     C, sb = crit["classes_per_batch"], crit["supervised_imgs_per_class"]
@@ -75,12 +75,12 @@ def test_paws_step(path):
     if len(uimgs) > 2:
         batch["small"] = torch.stack(uimgs[2:], 1)
 
-    # suncet's WarmupCosineSchedule is a LambdaLR: step s runs at lambda(s); ours evaluates the same formula at
-    # s + 1 (the I-JEPA / MSN convention), so lr_at(s - 1) is the official lr of step s
+    # suncet's WarmupCosineSchedule is a LambdaLR stepped after the optimizer: step s runs at lambda(s), which is
+    # PAWS's schedule_offset = 0 (the engine builds the schedules with it)
     ipe, epochs, s = c["ipe"], c["args"]["optimization"]["epochs"], c["start_step"]
-    lr_s, _ = build_schedules(cfg.optim, ipe, ipe * epochs)
-    fx.assert_close("out.lr", torch.tensor(lr_s(s - 1), dtype=torch.float64))
-    lr = float(t["out.lr"])
+    lr_s, _ = build_schedules(cfg.optim, ipe, ipe * epochs, offset=method.schedule_offset)
+    fx.assert_close("out.lr", torch.tensor(lr_s(s), dtype=torch.float64))
+    lr = lr_s(s)  # our schedule, checked against the official one above
     info = Step(step=s, epoch=s // ipe, total_steps=ipe * epochs, steps_per_epoch=ipe, lr=lr,
                 wd=cfg.optim.weight_decay)
     optimizer = build_optimizer(method.param_groups(), cfg.optim)

@@ -159,8 +159,9 @@ class Trainer:
         if oc.lr_batch_ref:  # scaling rule: the whole lr schedule scales with the global batch
             scale = self.batch_size * self.world / oc.lr_batch_ref
             scale = math.sqrt(scale) if oc.lr_batch_scaling == "sqrt" else scale
+        offset = oc.schedule_offset if oc.schedule_offset is not None else self.method.schedule_offset
         self.lr_schedule, self.wd_schedule = build_schedules(
-            _scaled_lr(oc, scale), self.steps_per_epoch, self.total_steps)
+            _scaled_lr(oc, scale), self.steps_per_epoch, self.total_steps, offset=offset)
         self.horizon = schedule_horizon(self.total_steps, oc.ipe_scale)
 
     def calibrate_total_steps(self, minutes: float | None = None, *, warmup_steps: int = 3,

@@ -129,6 +129,9 @@ class Method(nn.Module):
     ``after_optimizer_step`` and ``features``."""
 
     feature_description: str = "encoder output"
+    # the official schedules' convention: train step i uses the lr / wd formula at i + schedule_offset
+    # (1: a counter incremented before use, I-JEPA / MSN / StoP; 0: a LambdaLR stepped after the optimizer)
+    schedule_offset: int = 1
     # hooks the base class declares but only some methods implement (``can`` tells)
     OPTIONAL_CAPABILITIES = ("sample", "encode_text", "encode_images", "similarity", "labelled_subset")
 

@@ -69,6 +69,7 @@ class PAWSConfig:
 
 class PAWS(Method):
     feature_description = "PAWS probe features: the backbone output ([CLS] or pooled ResNet features), before the heads"
+    schedule_offset = 0  # suncet's WarmupCosineSchedule is a LambdaLR stepped after the optimizer
 
     @classmethod
     def validate(cls, cfg) -> None:

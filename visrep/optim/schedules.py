@@ -4,11 +4,12 @@ Every schedule here is a function of the global step index ``i`` (the number of 
 already taken, i.e. ``Step.step``: 0 for the first batch). Nothing is stateful, so a resumed run
 only needs the step to get the same values.
 
-Semantics follow the official I-JEPA / MSN / StoP / PAWS code (``WarmupCosineSchedule`` and
-``CosineWDSchedule``): those objects keep a counter that starts at 0 and is incremented *before*
-the value is computed, and they are called at the start of every train step. So the value used for
-train step ``i`` is the formula evaluated at ``t = i + 1``. ``lr_at(i)`` / ``wd_at(i)`` return exactly
-that value.
+Semantics follow the official code: I-JEPA / MSN / StoP's ``WarmupCosineSchedule`` and
+``CosineWDSchedule`` keep a counter that starts at 0 and is incremented *before* the value is
+computed, at the start of every train step, so train step ``i`` uses the formula at ``t = i + 1``
+(``offset=1``, the default). PAWS's (suncet) is a ``LambdaLR`` stepped *after* the optimizer: step ``i``
+uses ``t = i`` (``offset=0``; ``Method.schedule_offset``, ``optim.schedule_offset`` overrides).
+``lr_at(i)`` / ``wd_at(i)`` return exactly the value of step ``i``.
 
 Horizons: with ``ipe`` iterations per epoch, ``warmup_steps = int(warmup_epochs * ipe)`` and
 ``T_max = int(ipe_scale * epochs * ipe)`` (MSN: ``ipe_scale = 1.25``, released I-JEPA configs: 1.0).
@@ -35,9 +36,10 @@ class WarmupCosine:
     final_lr: float
     warmup_steps: int
     T_max: int
+    offset: int = 1                 # step i uses the formula at t = i + offset
 
     def lr_at(self, step: int) -> float:
-        t = step + 1
+        t = step + self.offset
         if t < self.warmup_steps:
             progress = t / max(1, self.warmup_steps)
             return self.start_lr + progress * (self.ref_lr - self.start_lr)
@@ -60,9 +62,10 @@ class CosineWD:
     ref_wd: float
     final_wd: float
     T_max: int
+    offset: int = 1
 
     def wd_at(self, step: int) -> float:
-        t = step + 1
+        t = step + self.offset
         progress = t / max(1, self.T_max)
         wd = self.final_wd + (self.ref_wd - self.final_wd) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(self.final_wd, wd) if self.final_wd <= self.ref_wd else min(self.final_wd, wd)
@@ -75,7 +78,8 @@ def schedule_horizon(total_steps: int, ipe_scale: float = 1.0) -> int:
     return int(ipe_scale * total_steps)
 
 
-def build_schedules(optim_cfg, steps_per_epoch: int, total_steps: int) -> tuple[WarmupCosine, CosineWD]:
+def build_schedules(optim_cfg, steps_per_epoch: int, total_steps: int, offset: int = 1
+                    ) -> tuple[WarmupCosine, CosineWD]:
     """The lr and wd schedules of an :class:`~visrep.config.OptimConfig` for a run of ``total_steps``.
 
     ``optim_cfg.lr`` etc. are used as given (any batch-size scaling of the lr is the caller's job).
@@ -87,8 +91,9 @@ def build_schedules(optim_cfg, steps_per_epoch: int, total_steps: int) -> tuple[
         final_lr=optim_cfg.final_lr,
         warmup_steps=int(optim_cfg.warmup_epochs * steps_per_epoch),
         T_max=T_max,
+        offset=offset,
     )
-    wd = CosineWD(ref_wd=optim_cfg.weight_decay, final_wd=optim_cfg.final_weight_decay, T_max=T_max)
+    wd = CosineWD(ref_wd=optim_cfg.weight_decay, final_wd=optim_cfg.final_weight_decay, T_max=T_max, offset=offset)
     return lr, wd
 
 
