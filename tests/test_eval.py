@@ -226,9 +226,11 @@ def test_fit_logreg_reaches_optimum():
     assert gw.abs().max() < 1e-5 and gb.abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("preprocess", ["l2", "standardize", "none"])
-def test_lowshot_separable(preprocess):
-    res = lowshot_logreg(*clusters(n_train_per_class=200), preprocess=preprocess)
+@pytest.mark.parametrize("variant,preprocess", [("msn", None), ("visrep", "l2"), ("visrep", "standardize"),
+                                                ("visrep", "none")])
+def test_lowshot_separable(variant, preprocess):
+    res = lowshot_logreg(*clusters(n_train_per_class=200), preprocess=preprocess, variant=variant)
+    assert res["variant"] == variant and res["preprocess"] == (preprocess or "rows")
     assert list(res["settings"]) == ["1/class", "2/class", "5/class", "1%"]
     for name, r in res["settings"].items():
         assert len(r["accs"]) == 3
@@ -246,8 +248,8 @@ def test_lowshot_random_labels_near_chance():
 def test_lowshot_cv_and_determinism():
     data = clusters(n_train_per_class=100, sep=3.0)
     grid = (1e-4, 1e-2)
-    a = lowshot_logreg(*data, settings=(1, 3), l2="cv", l2_grid=grid, default_l2=1e-3)
-    b = lowshot_logreg(*data, settings=(1, 3), l2="cv", l2_grid=grid, default_l2=1e-3)
+    a = lowshot_logreg(*data, settings=(1, 3), l2="cv", l2_grid=grid, default_l2=1e-3, variant="visrep")
+    b = lowshot_logreg(*data, settings=(1, 3), l2="cv", l2_grid=grid, default_l2=1e-3, variant="visrep")
     assert a["settings"] == b["settings"]
     assert a["settings"]["1/class"]["l2"] == [1e-3] * 3  # CV impossible with one image per class
     assert all(v in grid for v in a["settings"]["3/class"]["l2"])
@@ -409,12 +411,12 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
 
     # count the low-shot splits (one per seed) and the classifiers fitted on them
     fit_sizes, drawn = [], []
-    fit_logreg_, lowshot_splits_ = lowshot_mod.fit_logreg, lowshot_mod.lowshot_splits
+    fit_msn_, lowshot_splits_ = lowshot_mod.fit_msn, lowshot_mod.lowshot_splits
 
     def counting_fit(*args, **kwargs):
-        labels = list(inspect.signature(fit_logreg_).bind(*args, **kwargs).arguments.values())[1]
+        labels = list(inspect.signature(fit_msn_).bind(*args, **kwargs).arguments.values())[1]
         fit_sizes.append(int(labels.numel()))
-        return fit_logreg_(*args, **kwargs)
+        return fit_msn_(*args, **kwargs)
 
     def counting_splits(*args, **kwargs):
         bound = inspect.signature(lowshot_splits_).bind(*args, **kwargs)
@@ -423,7 +425,7 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
         drawn.append((bound.arguments["setting"], bound.arguments["seed"], [tuple(s.tolist()) for s in splits]))
         return splits
 
-    monkeypatch.setattr(lowshot_mod, "fit_logreg", counting_fit)
+    monkeypatch.setattr(lowshot_mod, "fit_msn", counting_fit)
     monkeypatch.setattr(lowshot_mod, "lowshot_splits", counting_splits)
     results = run_protocols({"a": clusters(n_train_per_class=100)}, cfg, verbose=False)
     assert results["rows"] == ["k-NN k=5", "k-NN k=10", "linear probe", "low-shot 1/class", "low-shot 2/class",
@@ -437,6 +439,7 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
     assert list(lowshot_raw["settings"]) == ["1/class", "2/class", "2%"]
     for name, r in lowshot_raw["settings"].items():
         assert len(r["accs"]) == 2 and len(r["l2"]) == 2, name
+        assert r["l2"] == [pytest.approx(2.5e-4 / r["n_train"])] * 2, name  # MSN: lambda = 2.5e-4 / N
     for row in ("low-shot 1/class", "low-shot 2/class", "low-shot 2%"):
         assert results["table"][row]["a"]["std"] is not None  # the spread over the two seeds is reported
     table = format_table(results, title="t", notes=["note one"])
@@ -444,3 +447,30 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
     md, js = save_results(results, table, tmp_path)
     assert md.read_text() == table and json.loads(js.read_text())["columns"] == ["a"]
     assert [name for name, _ in protocols_from_config(EvalConfig())] == ["knn", "linear", "lowshot"]
+
+
+def test_lowshot_msn_variant_protocol():
+    """MSN's logistic_eval: rows centred on their own mean and normalised (so a per-row offset and scale change
+    nothing, which the column-centred visrep variant does not promise), no bias, lambda 2.5e-4 / N; the visrep
+    variant keeps its own label."""
+    xtr, ytr, xte, yte = clusters(n_train_per_class=50, sep=2.0)
+    g = torch.Generator().manual_seed(1)
+    warp = lambda x: (x + 5 * torch.randn(len(x), 1, generator=g)) * torch.rand(len(x), 1, generator=g).add(0.5)
+    kw = dict(settings=(2,), n_splits=2, solver="lbfgs")
+    a = lowshot_logreg(xtr, ytr, xte, yte, **kw)["settings"]["2/class"]
+    b = lowshot_logreg(warp(xtr), ytr, warp(xte), yte, **kw)["settings"]["2/class"]
+    assert a["accs"] == b["accs"] and a["l2"] == [2.5e-4 / 10] * 2
+    v = lowshot_logreg(warp(xtr), ytr, warp(xte), yte, **kw, variant="visrep")["settings"]["2/class"]
+    assert v["accs"] != b["accs"]
+    res = run_protocols({"a": (xtr, ytr, xte, yte)}, [("lowshot", dict(kw, variant="visrep"))], verbose=False)
+    assert res["rows"] == ["low-shot (visrep) 2/class"]
+    with pytest.raises(ValueError, match="variant"):
+        lowshot_logreg(xtr, ytr, xte, yte, variant="paper")
+
+
+def test_knn_default_ks_and_small_sets():
+    """DINO's k in 10, 20, 100, 200 by default; a k above the training-set size is left out of the table."""
+    xtr, ytr, xte, yte = clusters(n_train_per_class=30)  # 150 training rows: 200 does not fit
+    assert list(knn_classify(*clusters(n_train_per_class=40))) == [10, 20, 100, 200]
+    res = run_protocols({"a": (xtr, ytr, xte, yte)}, ["knn"], verbose=False)
+    assert res["rows"] == ["k-NN k=10", "k-NN k=20", "k-NN k=100"]

@@ -118,12 +118,17 @@ class TrainConfig:
 class EvalConfig:
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear", "lowshot"])
     batch_size: int = 512
-    knn_k: list[int] = field(default_factory=lambda: [10, 20])
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # DINO / DINOv2 knn.py (cosine,
+                                     # T 0.07, weighted vote); a k above the training-set size is left out
     knn_temperature: float = 0.07
     linear_epochs: int = 20
+    probe_blocks: int = 1            # DINOv2 linear input: [CLS] of the last n blocks (1 or 4) + patch average
     lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     lowshot_fraction: float = 0.01
     lowshot_seeds: int = 3
+    lowshot_variant: Literal["msn", "visrep"] = "msn"  # msn: logistic_eval.py (rows centred + normalised, no
+                                     # bias, lambda 2.5e-4 / N); visrep: column-centred, bias, l2 1e-4
+    lowshot_solver: Literal["auto", "cyanure", "lbfgs"] = "auto"  # msn variant: cyanure when installed
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10

@@ -1,4 +1,9 @@
-"""k-nearest-neighbour classification on frozen features (DINO-style weighted k-NN)."""
+"""k-nearest-neighbour classification on frozen features: DINO / DINOv2's weighted k-NN.
+
+DINOv2's ``eval/knn.py``: L2-normalised features, cosine similarity, the max(k) nearest training
+rows, votes ``softmax(sim / T)`` over them (T = 0.07) summed per class for each k in 10, 20, 100,
+200 (DINO: ``exp(sim / T)``, the same argmax). Parity: tests/parity/test_eval_protocols.py.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -18,7 +23,7 @@ def knn_classify(
     train_labels: Tensor,
     test_feats: Tensor,
     test_labels: Tensor,
-    ks: int | Iterable[int] = (10, 20),
+    ks: int | Iterable[int] = (10, 20, 100, 200),
     *,
     temperature: float = 0.07,
     weighting: str = "exp",
@@ -34,8 +39,9 @@ def knn_classify(
     classical raw-pixel k-NN baseline).
 
     ``weighting="exp"`` (DINO): each of the k neighbours votes for its class with weight
-    ``exp(sim / temperature)`` (``temperature`` = 0.07); for the Euclidean metric ``sim`` is the
-    negative distance. ``weighting="uniform"``: one vote per neighbour (ties go to the lowest class
+    ``exp(sim / temperature)`` (``temperature`` = 0.07), normalised over the max(ks) neighbours as
+    DINOv2 does (same argmax); for the Euclidean metric ``sim`` is the negative distance.
+    ``weighting="uniform"``: one vote per neighbour (ties go to the lowest class
     index). The prediction is the class with the largest summed vote.
 
     All k in ``ks`` are evaluated from one top-``max(ks)`` search. Test rows are processed in chunks
@@ -66,7 +72,6 @@ def knn_classify(
     if chunk_size is None:
         chunk_size = max(1, min(4096, _BLOCK_ELEMS // max(1, n_train)))
 
-    kmax = ks[-1]
     correct = {k: 0 for k in ks}
     n_test = test_feats.shape[0]
     for start in range(0, n_test, chunk_size):
@@ -79,17 +84,34 @@ def knn_classify(
             d2.clamp_min_(0)
             # uniform votes only need the ranking, for which the squared distance suffices
             sim = d2.neg_() if weighting == "uniform" else d2.sqrt_().neg_()
-        top_sim, top_idx = sim.topk(kmax, dim=1, largest=True, sorted=True)
+        for k, votes in _votes(sim, train_y, ks, weighting, temperature, num_classes).items():
+            correct[k] += int((votes.argmax(dim=1) == y).sum().item())
         del sim
-        top_y = train_y[top_idx]  # [b, kmax]
-        if weighting == "exp":
-            # subtract the row max before exp: same argmax, no overflow for large |sim| / T
-            w = ((top_sim - top_sim[:, :1]) / temperature).exp()
-        else:
-            w = torch.ones_like(top_sim)
-        for k in ks:
-            votes = torch.zeros(q.shape[0], num_classes, device=device)
-            votes.scatter_add_(1, top_y[:, :k], w[:, :k])
-            pred = votes.argmax(dim=1)
-            correct[k] += int((pred == y).sum().item())
     return {k: 100.0 * correct[k] / max(1, n_test) for k in ks}
+
+
+def _votes(sim: Tensor, train_y: Tensor, ks: list[int], weighting: str, temperature: float,
+           num_classes: int) -> dict[int, Tensor]:
+    """Class votes ``{k: [b, C]}`` from similarities ``[b, n_train]``: the ``max(ks)`` nearest rows, weights
+    ``softmax(sim / T)`` over them (DINOv2's ``KnnModule.forward``; ``"uniform"``: 1 each), summed per class
+    over the first k."""
+    top_sim, top_idx = sim.topk(ks[-1], dim=1, largest=True, sorted=True)
+    top_y = train_y[top_idx]  # [b, kmax]
+    w = torch.softmax(top_sim / temperature, dim=1) if weighting == "exp" else torch.ones_like(top_sim)
+    out = {}
+    for k in ks:
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=w.dtype)
+        out[k] = votes.scatter_add_(1, top_y[:, :k], w[:, :k])
+    return out
+
+
+@torch.no_grad()
+def knn_scores(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: Iterable[int] = (10, 20, 100, 200),
+               *, temperature: float = 0.07, num_classes: int | None = None) -> dict[int, Tensor]:
+    """DINOv2's k-NN class probabilities ``{k: [n_test, C]}`` (cosine, ``softmax(sim / T)`` over the
+    max(k) neighbours, summed per class over the first k), in the features' dtype, in one block."""
+    ks = sorted({int(k) for k in ks})
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    sim = F.normalize(test_feats, dim=1) @ F.normalize(train_feats, dim=1).T
+    return _votes(sim, train_labels.to(torch.int64), ks, "exp", temperature, num_classes)

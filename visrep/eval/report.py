@@ -53,6 +53,10 @@ def _run_one(protocol: str, kwargs: Mapping[str, Any], fs: dict[str, Tensor]) ->
     label = kwargs.pop("label", None)
     args = (fs["train_feats"], fs["train_labels"], fs["test_feats"], fs["test_labels"])
     if protocol == "knn":
+        ks = kwargs.get("ks", (10, 20, 100, 200))
+        ks = [int(ks)] if isinstance(ks, int) else [int(k) for k in ks]
+        fit = [k for k in ks if k <= len(fs["train_feats"])]  # small sets: the k that fit (DINO's 200 needs 200)
+        kwargs["ks"] = tuple(fit or ks)
         raw = knn_classify(*args, **kwargs)
         rows = {(f"{label} k={k}" if label else _knn_label(k, kwargs)): {"value": acc, "std": None}
                 for k, acc in raw.items()}
@@ -61,7 +65,8 @@ def _run_one(protocol: str, kwargs: Mapping[str, Any], fs: dict[str, Tensor]) ->
         rows = {label or "linear probe": {"value": raw["test_acc"], "std": None}}
     elif protocol == "lowshot":
         raw = lowshot_logreg(*args, **kwargs)
-        rows = {f"{label or 'low-shot'} {name}": {"value": r["mean"], "std": r["std"] if len(r["accs"]) > 1 else None}
+        label = label or ("low-shot" if raw["variant"] == "msn" else f"low-shot ({raw['variant']})")
+        rows = {f"{label} {name}": {"value": r["mean"], "std": r["std"] if len(r["accs"]) > 1 else None}
                 for name, r in raw["settings"].items()}
     else:
         raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
@@ -71,7 +76,8 @@ def _run_one(protocol: str, kwargs: Mapping[str, Any], fs: dict[str, Tensor]) ->
 def protocols_from_config(cfg: Any) -> list[tuple[str, dict]]:
     """Protocol specs from an eval config (``visrep.config.EvalConfig`` or a mapping with its keys):
     ``protocols``, ``knn_k``, ``knn_temperature``, ``linear_epochs``, ``lowshot_shots``,
-    ``lowshot_fraction`` and ``lowshot_seeds``; missing keys keep the protocol defaults."""
+    ``lowshot_fraction``, ``lowshot_seeds``, ``lowshot_variant`` and ``lowshot_solver``; missing keys
+    keep the protocol defaults."""
     get = (lambda k: cfg.get(k)) if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k, None))
     specs: list[tuple[str, dict]] = []
     for name in get("protocols") or PROTOCOLS:
@@ -91,6 +97,10 @@ def protocols_from_config(cfg: Any) -> list[tuple[str, dict]]:
                 kw["settings"] = tuple(int(k) for k in shots) + ((f"{100 * float(frac):g}%",) if frac else ())
             if get("lowshot_seeds") is not None:
                 kw["n_splits"] = int(get("lowshot_seeds"))
+            if get("lowshot_variant") is not None:
+                kw["variant"] = str(get("lowshot_variant"))
+            if get("lowshot_solver") is not None:
+                kw["solver"] = str(get("lowshot_solver"))
         specs.append((name, kw))
     return specs
 
