@@ -10,6 +10,7 @@ lists of ``LongTensor [B, K]`` kept patch indices, as the official I-JEPA ``Mask
 ``mode="default"``: always terminates, context and targets never overlap, corners over all valid
 positions, vectorised. ``mode="official"``: the reference's masks bit for bit (same RNG calls),
 overlaps included, but a ``RuntimeError`` where the reference would loop forever.
+``context="complement"`` (IWM): every patch outside the targets, cut by a random subset.
 Specification and notes: docs/data/masks.md
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_WARNING = "Valid mask not found, decreasing acceptable-regions"
 
-__all__ = ["IBOTMaskGenerator", "MultiBlockMaskCollator", "block_masks", "masks_to_indices", "FALLBACK_WARNING"]
+__all__ = ["IBOTMaskGenerator", "MultiBlockMaskCollator", "block_masks", "masks_to_indices", "masks_to_random_indices",
+           "FALLBACK_WARNING"]
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -63,6 +65,17 @@ def masks_to_indices(masks: Tensor) -> list[Tensor]:
     return [idx[:, i].contiguous() for i in range(n)]
 
 
+def masks_to_random_indices(masks: Tensor) -> list[Tensor]:
+    """As :func:`masks_to_indices`, but each mask keeps a uniformly random subset of ``K`` of its patches
+    (global RNG; ascending), not its ``K`` first in row-major order."""
+    B, n = masks.shape[:2]
+    flat = masks.flatten(2)
+    k = int(flat.sum(-1).min())
+    scores = torch.where(flat, torch.rand(flat.shape), torch.full(flat.shape, 2.0))  # outside the mask: last
+    idx = scores.argsort(-1)[..., :k].sort(-1).values
+    return [idx[:, i].contiguous() for i in range(n)]
+
+
 class MultiBlockMaskCollator:
     """I-JEPA multi-block mask collator (see the module docstring for the two modes).
 
@@ -84,6 +97,10 @@ class MultiBlockMaskCollator:
             ``"official"``, False for ``"default"``.
         max_tries: context-position tries before the fallback (reference: 20).
         max_rounds: default mode only: re-draws of a failing sample before the target size is shrunk.
+        context: ``"block"`` (I-JEPA: a context block minus the targets) or ``"complement"`` (IWM's
+            paper: every patch outside the targets; default mode, one context mask, ``enc_mask_scale``
+            unused; a sample whose complement keeps fewer than ``min_keep`` patches is re-drawn; cut to
+            the batch's shortest by a random subset, :func:`masks_to_random_indices`).
 
     Block sizes come from ``torch.Generator().manual_seed(step)``, with ``step`` a counter shared by all
     dataloader workers; ``set_step(i)`` makes the next batch use seed ``i``.
@@ -110,9 +127,15 @@ class MultiBlockMaskCollator:
         exclusive_corner: bool | None = None,
         max_tries: int = 20,
         max_rounds: int = 10,
+        context: str = "block",
     ):
         if mode not in ("default", "official"):
             raise ValueError(f"mode must be 'default' or 'official', got {mode!r}")
+        if context not in ("block", "complement"):
+            raise ValueError(f"context must be 'block' or 'complement', got {context!r}")
+        if context == "complement" and (mode != "default" or nenc != 1):
+            raise ValueError("context='complement' needs mode='default' and one context mask (nenc=1)")
+        self.context = context
         (ih, iw), (ph, pw) = _pair(input_size), _pair(patch_size)
         self.height, self.width = ih // ph, iw // pw
         if self.height < 2 or self.width < 2:
@@ -136,7 +159,7 @@ class MultiBlockMaskCollator:
         self._capped_warned = False
         self.last_info: dict[str, Any] = {}
 
-        if mode == "default" and not self.allow_overlap:
+        if mode == "default" and not self.allow_overlap and context == "block":
             # smallest possible context block (sizes are monotone in the uniform draw)
             eh, ew = self.block_size_at(0.0, self.enc_mask_scale, (1.0, 1.0))
             if eh * ew <= self.npred:
@@ -199,6 +222,9 @@ class MultiBlockMaskCollator:
         e_size = self.sample_block_size(g, self.enc_mask_scale, (1.0, 1.0))
         if self.mode == "official":
             enc, pred, info = self._sample_official(batch_size, p_size, e_size)
+        elif self.context == "complement":
+            enc, pred, info = self._sample_complement(batch_size, p_size)
+            e_size = None
         else:
             enc, pred, info = self._sample_default(batch_size, p_size, e_size)
         self.last_info = {"step": step, "p_size_sampled": p_size, "e_size": e_size, **info}
@@ -207,7 +233,10 @@ class MultiBlockMaskCollator:
     def sample(self, batch_size: int) -> tuple[list[Tensor], list[Tensor]]:
         """Collated masks for a batch of ``batch_size``: ``(masks_enc, masks_pred)``, lists of ``[B, K]``."""
         enc, pred = self.sample_boolean_masks(batch_size)
-        return masks_to_indices(enc), masks_to_indices(pred)
+        # a complement context cut to the batch's shortest keeps a random subset (the first K row-major
+        # patches would always drop the bottom of the image); I-JEPA's block contexts keep the first K
+        cut = masks_to_random_indices if self.context == "complement" else masks_to_indices
+        return cut(enc), masks_to_indices(pred)
 
     def __call__(self, batch: list) -> tuple[Any, list[Tensor], list[Tensor]]:
         collated = self.base_collate(batch)
@@ -215,7 +244,7 @@ class MultiBlockMaskCollator:
         return collated, masks_enc, masks_pred
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(grid={self.height}x{self.width}, mode={self.mode!r}, "
+        return (f"{type(self).__name__}(grid={self.height}x{self.width}, mode={self.mode!r}, context={self.context!r}, "
                 f"enc_mask_scale={self.enc_mask_scale}, pred_mask_scale={self.pred_mask_scale}, "
                 f"aspect_ratio={self.aspect_ratio}, nenc={self.nenc}, npred={self.npred}, "
                 f"min_keep={self.min_keep}, allow_overlap={self.allow_overlap})")
@@ -333,6 +362,31 @@ class MultiBlockMaskCollator:
             h, w = size
             if h == 1 and w == 1:  # unreachable: k <= context area - npred
                 raise RuntimeError("MultiBlockMaskCollator: no valid mask with 1x1 targets")
+            size = (h - 1, w) if h >= w and h > 1 else (h, w - 1)
+            shrinks += 1
+
+
+    # ------------------------------------------------------------------ complement context (IWM)
+    def _sample_complement(self, B: int, p_size):
+        """Targets as :meth:`_sample_default` draws them; the context is every patch outside their union."""
+        grid, npred = self.grid, self.npred
+        k = max(1, min(self.min_keep, self.height * self.width - npred))
+        size, shrinks, redrawn = p_size, 0, 0
+        while True:
+            pred = torch.zeros(B, npred, *grid, dtype=torch.bool)
+            todo = torch.arange(B)
+            for rnd in range(self.max_rounds + 1):
+                n = len(todo)
+                redrawn += n if rnd else 0
+                targets = block_masks(*self._draw_corners((n, npred), size), size, grid)  # [n, npred, H, W]
+                ok = (~targets.any(1)).flatten(1).sum(1) >= k
+                good = ok.nonzero()[:, 0]
+                pred.index_copy_(0, todo.index_select(0, good), targets.index_select(0, good))
+                todo = todo.index_select(0, (~ok).nonzero()[:, 0])
+                if len(todo) == 0:
+                    enc = ~pred.any(1, keepdim=True)
+                    return enc, pred, {"p_size": size, "fallbacks": 0, "redrawn": redrawn, "shrinks": shrinks}
+            h, w = size  # some sample failed every round: shrink the targets (1x1 always leaves >= k)
             size = (h - 1, w) if h >= w and h > 1 else (h, w - 1)
             shrinks += 1
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import all_gather, all_reduce
+from .precision import float32_loss
 from .sinkhorn import sinkhorn_logits
 
 __all__ = ["Centering", "dino_loss", "ibot_loss", "ibot_loss_dense", "koleo_loss", "koleo_nn_index",
@@ -29,6 +30,7 @@ def _chunks(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [x] if isinstance(x, Tensor) else list(x)
 
 
+@float32_loss
 def dino_loss(student: Tensor | Sequence[Tensor], teacher: Tensor | Sequence[Tensor],
               student_temp: float = 0.1) -> Tensor:
     """``DINOLoss.forward``: ``-sum_{s in student} sum_{t in teacher} mean_b sum_k t log_softmax(s / T)``.
@@ -52,6 +54,7 @@ def ibot_mask_weights(masks: Tensor) -> Tensor:
     return (1 / counts).expand_as(masks)[masks]
 
 
+@float32_loss
 def ibot_loss(student_masked: Tensor, teacher_masked: Tensor, masks: Tensor, student_temp: float = 0.1,
               weights: Tensor | None = None) -> Tensor:
     """``iBOTPatchLoss.forward_masked``: ``-sum_i w_i <t_i, log_softmax(s_i / T)> / n_images``.
@@ -67,6 +70,7 @@ def ibot_loss(student_masked: Tensor, teacher_masked: Tensor, masks: Tensor, stu
     return -(ce * w).sum() / masks.shape[0]
 
 
+@float32_loss
 def ibot_loss_dense(student: Tensor, teacher: Tensor, masks: Tensor, student_temp: float = 0.1) -> Tensor:
     """``iBOTPatchLoss.forward``: every patch's cross-entropy ``[n_img, N]``, averaged over each image's
     masked patches, then over images."""
@@ -86,6 +90,7 @@ def koleo_nn_index(x: Tensor, candidates: Tensor | None = None, offset: int = 0)
     return dots.argmax(dim=1)
 
 
+@float32_loss
 def koleo_loss(x: Tensor, eps: float = 1e-8, group=False) -> Tensor:
     """KoLeo entropy estimator ``-mean_i log(d(x_i, x_nn(i)) + eps)`` on L2-normalised rows.
 

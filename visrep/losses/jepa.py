@@ -4,12 +4,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import float32_loss
 
+
+@float32_loss
 def normalized_targets(h: Tensor) -> Tensor:
     """Targets are the target encoder's tokens layer-normalised over features, without affine."""
     return F.layer_norm(h, (h.size(-1),))
 
 
+@float32_loss
 def jepa_loss(pred: Tensor, target: Tensor, kind: str = "smooth_l1") -> Tensor:
     """Mean over all elements. ``smooth_l1`` (Huber, beta=1) is what the official code runs;
     ``l2`` (mean squared error) is what the I-JEPA paper writes.

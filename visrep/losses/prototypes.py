@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..distributed import all_gather, all_reduce
+from .precision import float32_loss
 from .sinkhorn import sinkhorn
 
 KLDirection = Literal["mean_to_prior", "prior_to_mean"]
@@ -129,6 +130,7 @@ def paws_labels_matrix(num_classes: int, per_class: int, world_size: int = 1, un
     return out.scatter_(1, col.reshape(-1, 1), 1.0 - smoothing + off)
 
 
+@float32_loss
 def msn_loss(anchors: Tensor, targets: Tensor, prototypes: Tensor, *, tau: float = 0.1, T: float = 0.25,
              proto_labels: Tensor | None = None, me_max_weight: float = 1.0, entropy_weight: float = 0.0,
              use_sinkhorn: bool = True, sinkhorn_iters: int = 3, prior: Tensor | None = None,
@@ -172,6 +174,7 @@ def msn_loss(anchors: Tensor, targets: Tensor, prototypes: Tensor, *, tau: float
     return {"loss": loss, "ce": ce, "me_max": reg, "entropy": ent, **logs, "probs": probs, "targets": q}
 
 
+@float32_loss
 def paws_loss(anchor_views: Tensor, anchor_supports: Tensor, anchor_support_labels: Tensor, target_views: Tensor,
               target_supports: Tensor, target_support_labels: Tensor, *, tau: float = 0.1, T: float = 0.25,
               multicrop: int = 6, me_max_weight: float = 1.0, threshold: float = 1e-4,

@@ -28,9 +28,15 @@ def no_decay_official_jepa(name: str, p: Tensor) -> bool:
 
 
 def no_decay_bias_bn(name: str, p: Tensor) -> bool:
-    """MSN's and PAWS's official ``init_opt``: no weight decay for names containing ``bias`` or ``bn``
-    and for 1-D tensors."""
+    """MSN's official ``init_opt``: no weight decay for names containing ``bias`` or ``bn`` and for 1-D
+    tensors (PAWS's ViT backbone too; its CNNs: :func:`no_decay_paws`)."""
     return "bias" in name or "bn" in name or p.ndim == 1
+
+
+def no_decay_paws(name: str, p: Tensor) -> bool:
+    """PAWS's official ``init_opt``: no weight decay and no LARS adaptation for names containing ``bias``
+    or ``bn`` only, so a ResNet's downsample BatchNorm (``downsample.1.weight``) is decayed and adapted."""
+    return "bias" in name or "bn" in name
 
 
 def decay_groups(*modules: nn.Module, no_decay: Callable[[str, Tensor], bool] = no_decay_default,
@@ -89,4 +95,4 @@ def layer_decay_groups(vit: nn.Module, rate: float, head: nn.Module | None = Non
 
 
 __all__ = ["decay_groups", "layer_decay_groups", "no_decay_bias_bn", "no_decay_default", "no_decay_official_jepa",
-           "vit_lr_decay_rate"]
+           "no_decay_paws", "vit_lr_decay_rate"]
