@@ -46,8 +46,9 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
             eval_ds = None
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process and every rerun
     method = build_method(cfg, data_info(cfg, train_ds))
-    if not (cfg.data.in_memory and in_memory(train_ds)):  # file datasets: per-sample transform
-        train_ds.transform = method.sample_transform() or uint8_eval_transform(cfg.data.image_size)
+    if not (cfg.data.in_memory and in_memory(train_ds)):  # file datasets: views from the full image, in the
+        declares_views = any(spec.crops for spec in method.streams().values())  # workers (StreamSpec.crops)
+        train_ds.transform = None if declares_views else uint8_eval_transform(cfg.data.image_size)
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
                    fit_schedule_to_budget=fit_schedule_to_budget)
     return method, result
@@ -79,22 +80,33 @@ def raw_pixel_features(images: torch.Tensor) -> torch.Tensor:
 def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]], cfg: Config,
                           out_dir: str | Path | None = None, title: str = "results", notes: Sequence[str] = ()):
     """Run ``cfg.eval.protocols`` for several feature extractors side by side; print and save the table."""
-    from visrep.eval import extract_features, format_table, run_protocols, save_results
+    from visrep.eval import describe_protocols, extract_features, format_table, run_protocols, save_results
 
     tf = uint8_eval_transform(cfg.data.image_size)
     train_ds, test_ds = load_split(cfg, "train", transform=tf), load_split(cfg, "test", transform=tf)
     xtr, ytr = eval_images(train_ds, cfg.data.image_size)
     xte, yte = eval_images(test_ds, cfg.data.image_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    feats = {}
+    feats, notes = {}, list(notes) + describe_protocols(cfg.eval)
     for name, fn in feature_fns.items():
         owner = getattr(fn, "__self__", None)
+        per_protocol = {"default": fn}
         if isinstance(owner, Method):
             owner.eval_module().to(device)
             owner.to(device)
-        ftr, ltr = extract_features(fn, xtr, ytr, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} train")
-        fte, lte = extract_features(fn, xte, yte, batch_size=cfg.eval.batch_size, device=device, desc=f"{name} test")
-        feats[name] = (ftr, ltr, fte, lte)
+            for protocol in cfg.eval.protocols:  # what each protocol reads (Method.probe_features)
+                pfn, about = owner.probe_features(protocol) if fn == owner.features else (fn, "")
+                if pfn != fn:
+                    per_protocol[protocol] = pfn
+                    notes.append(f"{name}, {protocol}: {about}")
+        done = {}
+        for key, f in per_protocol.items():
+            desc = name if key == "default" else f"{name} ({key})"
+            kw = dict(batch_size=cfg.eval.batch_size, device=device)
+            ftr, ltr = extract_features(f, xtr, ytr, desc=f"{desc} train", **kw)
+            fte, lte = extract_features(f, xte, yte, desc=f"{desc} test", **kw)
+            done[key] = (ftr, ltr, fte, lte)
+        feats[name] = done["default"] if len(done) == 1 else done
     results = run_protocols(feats, cfg.eval)
     table = format_table(results, title=title, notes=notes)
     print(table)

@@ -77,9 +77,27 @@ def eval_images(ds, image_size: int):
     return ds, None
 
 
-def uint8_eval_transform(image_size: int):
-    """Resize + centre crop to uint8 (methods normalise inside ``features``)."""
-    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+EVAL_CROP_PCT = 0.875   # 224 / 256: MSN logistic_eval / linear_eval, DINOv2 eval, I-JEPA's linear probe
+
+
+def uint8_eval_transform(image_size: int, crop_pct: float = EVAL_CROP_PCT, interpolation: str = "bilinear"):
+    """The papers' evaluation transform, to uint8 (methods normalise inside ``features``): shorter side
+    resized to ``int(image_size / crop_pct)`` (224 -> 256), then a centre crop of ``image_size``;
+    ``interpolation`` bilinear (MSN; DINOv2's own eval uses ``"bicubic"``). PIL images are resized by PIL
+    as torchvision's ``Resize`` does in the official code, tensors with antialiasing. In-memory
+    datasets do not come here (:func:`eval_images` resizes them to ``image_size`` directly)."""
+    mode = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}[interpolation]
+    return v2.Compose([_AsImage(), v2.Resize(int(image_size / crop_pct), interpolation=mode, antialias=True),
+                       v2.CenterCrop(image_size), v2.ToImage()])
+
+
+class _AsImage(torch.nn.Module):
+    """PIL images and tensors as they are, anything else (numpy HWC) through ``v2.ToImage``."""
+
+    def forward(self, img):
+        from PIL import Image
+
+        return img if isinstance(img, (Image.Image, torch.Tensor)) else v2.ToImage()(img)
 
 
 def in_memory_split(cfg, split: str, purpose: str):

@@ -13,12 +13,13 @@ Typical use::
     print(format_markdown(results))
     write_results(results, "runs/eval")
 """
-from .features import extract_features, extract_train_test, load_feature_cache, save_feature_cache
+from .features import extract_features, extract_train_test, linear_input, load_feature_cache, save_feature_cache
 from .knn import knn_classify
 from .linear import linear_probe, standardize
 from .lowshot import fit_logreg, lowshot_logreg, lowshot_splits, preprocess_features, select_l2_by_cv
 from .report import (
     PROTOCOLS,
+    describe_protocols,
     format_markdown,
     format_table,
     protocols_from_config,
@@ -29,12 +30,14 @@ from .report import (
 
 __all__ = [
     "PROTOCOLS",
+    "describe_protocols",
     "extract_features",
     "extract_train_test",
     "fit_logreg",
     "format_markdown",
     "format_table",
     "knn_classify",
+    "linear_input",
     "linear_probe",
     "load_feature_cache",
     "lowshot_logreg",

@@ -69,6 +69,18 @@ def save_feature_cache(
         raise
 
 
+def linear_input(vit: nn.Module, x: Tensor, n_blocks: int = 1, avgpool: bool = True) -> Tensor:
+    """DINOv2's linear-probe input (``eval/linear.py:create_linear_input`` on
+    ``get_intermediate_layers(x, n_blocks, return_class_token=True)``, final norm applied to every block):
+    the [CLS] tokens of the last ``n_blocks`` blocks concatenated, then (``avgpool``) the average of the
+    last block's patch tokens (registers excluded). ``[N, (n_blocks + avgpool) * D]`` float32."""
+    layers = vit.get_intermediate_layers(x, n=n_blocks, return_class_token=True, norm=True)
+    out = torch.cat([cls for _, cls in layers], dim=-1)
+    if avgpool:
+        out = torch.cat([out, layers[-1][0].mean(dim=1)], dim=-1)
+    return out.float()
+
+
 def _tensor_batches(images: Tensor, labels: Tensor, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
     for start in range(0, images.shape[0], batch_size):
         yield images[start : start + batch_size], labels[start : start + batch_size]

@@ -25,7 +25,9 @@ _KEYS = ("train_feats", "train_labels", "test_feats", "test_labels")
 ProtocolSpec = str | tuple[str, Mapping[str, Any]]
 
 
-def _as_feature_set(fs) -> dict[str, Tensor]:
+def _as_feature_set(fs, protocol: str | None = None) -> dict[str, Tensor]:
+    if isinstance(fs, Mapping) and not all(k in fs for k in _KEYS) and (protocol in fs or "default" in fs):
+        fs = fs[protocol] if protocol in fs else fs["default"]  # per-protocol features (DINOv2's linear input)
     if isinstance(fs, Mapping):
         missing = [k for k in _KEYS if k not in fs]
         if missing:
@@ -115,7 +117,9 @@ def run_protocols(
 
     ``feature_sets``: ``{column name: feature set}``; a feature set is a mapping with
     ``train_feats``, ``train_labels``, ``test_feats``, ``test_labels`` (as returned by
-    ``extract_train_test``) or a 4-tuple in that order. ``protocols``: names from ``"knn"``,
+    ``extract_train_test``) or a 4-tuple in that order, or ``{protocol name: feature set}`` where
+    protocols read different features (a protocol it does not name reads its ``"default"`` entry).
+    ``protocols``: names from ``"knn"``,
     ``"linear"``, ``"lowshot"``, or ``(name, kwargs)`` pairs passed to ``knn_classify``,
     ``linear_probe`` or ``lowshot_logreg`` (a protocol may appear several times, e.g. weighted and
     uniform k-NN; give them different ``"label"`` entries if their row names would collide), or an
@@ -140,9 +144,9 @@ def run_protocols(
     table: dict[str, dict[str, dict]] = {}
     details: dict[str, list] = {}
     for col in columns:
-        fs = _as_feature_set(feature_sets[col])
         details[col] = []
         for name, kw in specs:
+            fs = _as_feature_set(feature_sets[col], name)
             t0 = time.perf_counter()
             rows, raw = _run_one(name, kw, fs)
             dt = time.perf_counter() - t0
@@ -156,6 +160,29 @@ def run_protocols(
                 summary = ", ".join(f"{r} {c['value']:.2f}" for r, c in rows.items())
                 print(f"[{col}] {name}: {summary} ({dt:.1f}s)", flush=True)
     return {"columns": columns, "rows": row_order, "table": table, "details": details}
+
+
+def describe_protocols(cfg: Any) -> list[str]:
+    """One note per frozen-feature protocol of an eval config: which official protocol produced its rows."""
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k, None))
+    notes = []
+    for name, kw in protocols_from_config(cfg):
+        if name == "knn":
+            notes.append(f"k-NN: DINOv2's eval/knn.py (cosine, T = {kw.get('temperature', 0.07):g}, softmax-weighted "
+                         "vote over the k nearest training images)")
+        elif name == "linear":
+            notes.append(f"linear probe: {get('linear_epochs') or 10} epochs of SGD on standardised features, lr "
+                         "swept and selected on a 10 % validation split (visrep's probe; the input is each "
+                         "method's, see features)")
+        elif name == "lowshot":
+            if kw.get("variant", "msn") == "msn":
+                notes.append("low-shot: MSN's logistic_eval.py (rows centred + L2-normalised, no intercept, "
+                             "lambda = 2.5e-4 / N, cyanure or L-BFGS to its optimum), mean ± std over "
+                             f"{kw.get('n_splits', 3)} splits")
+            else:
+                notes.append("low-shot (visrep): columns centred on the train mean, rows normalised, a bias, "
+                             f"l2 = 1e-4, mean ± std over {kw.get('n_splits', 3)} splits")
+    return notes
 
 
 def _cell(cell: Mapping[str, Any] | None, digits: int) -> str:

@@ -21,7 +21,8 @@ Life of a method (who calls what)::
                    random_init_baseline(); optional sample(n, labels) and encode_text(texts)
 
 Batches are dicts. On the in-memory path ``image`` is the raw ``uint8 [B, C, H, W]`` tensor; on the
-file (DataLoader) path it is whatever :meth:`Method.sample_transform` returned per sample, stacked.
+file (DataLoader) path a stream that declares ``crops`` gets ``crops`` (its views, cut per sample from
+the full image), any other ``image`` resized and centre-cropped (:func:`visrep.data.crops.take_crops`).
 ``label`` (int64, -1 when unknown) and ``index`` (dataset indices) are always present, ``caption``
 (a list of each image's captions) when the dataset has captions. Extra streams declared by
 :meth:`Method.streams` arrive as nested dicts under their names (e.g. ``batch["supports"]``).
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from visrep.data.crops import CropSpec
 from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
 from visrep.models.vit import Normalize
@@ -102,7 +104,9 @@ class StreamSpec:
     labelled image; ``labelled_file``: the indices of a label-split file, see
     :mod:`visrep.data.subsets`), chosen once from ``seed``; each process draws its own images (seeded by seed,
     stream, step and rank), so a resumed run gets the same supports. ``batch_size=None``: the run's
-    ``train.batch_size`` (main stream only). ``captions=True`` adds each image's captions.
+    ``train.batch_size`` (main stream only). ``captions=True`` adds each image's captions. ``crops``:
+    the views the method takes (:class:`visrep.data.crops.CropSpec` by name); without, a file dataset's
+    images arrive resized and centre-cropped to ``data.image_size``.
     """
 
     sampler: Literal["epoch", "class_balanced"] = "epoch"
@@ -113,6 +117,9 @@ class StreamSpec:
     labels_per_class: int | None = None
     label_fraction: float | None = None
     labelled_file: str | None = None       # the labelled subset from a label-split file (dataset indices)
+    crops: dict[str, CropSpec] | None = None  # the views' geometry, cut from the full-resolution image (per
+                                           # sample in the loader workers for file datasets, batched for
+                                           # in-memory ones; prepare_batch takes them with data.crops.take_crops)
 
 
 @dataclass
@@ -151,11 +158,6 @@ class Method(nn.Module):
     def streams(self) -> dict[str, StreamSpec]:
         """The data streams of each step: ``"main"`` plus e.g. PAWS ``"supports"``."""
         return {"main": StreamSpec()}
-
-    def sample_transform(self) -> Callable | None:
-        """Per-sample transform for file datasets (DataLoader path); None: the default resize + crop
-        to ``uint8`` at ``data_info.image_size`` so that ``prepare_batch`` sees raw images."""
-        return None
 
     # -- training --------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
@@ -219,6 +221,12 @@ class Method(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """Frozen probe features ``[N, feature_dim]`` of raw ``uint8`` (or float [0, 1]) images."""
         raise NotImplementedError
+
+    def probe_features(self, protocol: str) -> tuple[Callable[[Tensor], Tensor], str]:
+        """``(images -> features, description)`` that the frozen-feature ``protocol`` (``knn``, ``linear``,
+        ``lowshot``) reads, as the paper's evaluation code does: :meth:`features` for all three unless a
+        method says otherwise (DINOv2's linear probe: [CLS] of the last blocks + patch average)."""
+        return self.features, self.feature_description
 
     def export_modules(self) -> dict[str, Export]:
         """Modules ``visrep export`` can write (the first is the default), with rebuild metadata."""

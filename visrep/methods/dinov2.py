@@ -25,18 +25,20 @@ import torch
 from torch import Tensor, nn
 
 from visrep.checkpoint import load_checkpoint
+from visrep.data.crops import CropSpec, take_crops
 from visrep.data.masks import IBOTMaskGenerator
-from visrep.data.transforms import batch_random_resized_crop
-from visrep.data.views import PhotometricSpec, photometric
+from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import CheckpointError, ConfigError
+from visrep.eval.features import linear_input
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
+from visrep.losses.precision import fp32_loss
 from visrep.models import vit_from_config
 from visrep.models.heads import DINOHead
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import vit_lr_decay_rate
 from visrep.optim.schedules import cosine_momentum, cosine_schedule
 
-from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 
 @dataclass
@@ -180,25 +182,27 @@ class DINOv2(Method):
         return (g1, g2), PhotometricSpec(blur_p=blur[2], **common)
 
     # -- data ------------------------------------------------------------------------------------
-    def _views(self, images: Tensor, size: int, scale, spec: PhotometricSpec, generator) -> Tensor:
-        x = batch_random_resized_crop(images, size, scale=scale, generator=generator, hflip=self.cfg.hflip)
-        x, _ = photometric(x, spec, generator)
-        return self.normalize(x)
+    def streams(self) -> dict[str, StreamSpec]:
+        """2 global crops (``global_crop_scale``) and ``n_local_crops`` local ones, from the full image."""
+        m = self.cfg
+        crops = {"global_crops": CropSpec(self.image_size, 2, tuple(m.global_crop_scale), hflip=m.hflip)}
+        if m.n_local_crops:
+            crops["local_crops"] = CropSpec(m.local_crop_size, m.n_local_crops, tuple(m.local_crop_scale),
+                                            hflip=m.hflip)
+        return {"main": StreamSpec(crops=crops)}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        """Global crops ``[B, 2, C, S, S]``, local crops ``[B, n_local, C, s, s]`` and iBOT masks
-        ``[B, 2, N]`` (sample-major, so any split of the batch keeps each sample's views)."""
-        m = self.cfg
-        images = batch["image"]
-        B = images.shape[0]
-        glob = torch.stack([self._views(images, self.image_size, m.global_crop_scale, spec, generator)
-                            for spec in self.global_specs], dim=1)
-        out = {k: v for k, v in batch.items() if k != "image"}
+        """Global crops ``[B, 2, C, S, S]`` (each with its own photometric spec), local crops ``[B, n_local,
+        C, s, s]`` and iBOT masks ``[B, 2, N]`` (sample-major, so any split of the batch keeps each sample's
+        views)."""
+        crops = take_crops(batch, self.streams()["main"].crops, generator)
+        out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
+        glob = torch.stack([photometric_views(crops["global_crops"][:, i:i + 1], spec, self.normalize, generator)[:, 0]
+                            for i, spec in enumerate(self.global_specs)], dim=1)
         out["global_crops"] = glob
-        if m.n_local_crops:
-            loc = self._views(images.repeat(m.n_local_crops, 1, 1, 1), m.local_crop_size, m.local_crop_scale,
-                              self.local_spec, generator)
-            out["local_crops"] = loc.view(m.n_local_crops, B, *loc.shape[1:]).transpose(0, 1)
+        if "local_crops" in crops:
+            out["local_crops"] = photometric_views(crops["local_crops"], self.local_spec, self.normalize, generator)
+        B = glob.shape[0]
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         # the official collate masks the global crops whether or not the iBOT loss is on
         masks = self.mask_generator.sample(2 * B, rng)["masks"]
@@ -226,8 +230,9 @@ class DINOv2(Method):
         else:
             t_cls, t_patch = t["dino_head"](torch.cat([cls, patches])).split([cls.shape[0], patches.shape[0]])
         if m.centering == "sinkhorn_knopp":
-            p_cls = sinkhorn_teacher(t_cls, temp, m.sinkhorn_iters).to(t_cls.dtype)
-            p_patch = None if t_patch is None else sinkhorn_teacher(t_patch, temp, m.sinkhorn_iters).to(t_patch.dtype)
+            # float32 targets (float64 stays float64), as the official sinkhorn_knopp_teacher
+            p_cls = sinkhorn_teacher(t_cls, temp, m.sinkhorn_iters)
+            p_patch = None if t_patch is None else sinkhorn_teacher(t_patch, temp, m.sinkhorn_iters)
             return p_cls, p_patch
         p_cls = self.dino_center.softmax(t_cls, temp)
         self.dino_center.update(t_cls)
@@ -262,22 +267,24 @@ class DINOv2(Method):
 
         terms = (2 - 1) * 2 + max(n_local * 2, 1)
         losses: dict[str, Tensor] = {}
-        total = cls_g.new_zeros(())
-        if m.dino_loss_weight > 0:
-            losses["dino_global_crops_loss"] = dino_loss(s_cls_g, p_cls, m.student_temp) * 2 / terms
-            total = total + m.dino_loss_weight * losses["dino_global_crops_loss"]
-            if n_local:
-                local = dino_loss(s_cls_l.chunk(n_local), p_cls.chunk(2), m.student_temp)
-                losses["dino_local_crops_loss"] = local / terms
-                total = total + m.dino_loss_weight * losses["dino_local_crops_loss"]
-        if m.koleo_loss_weight > 0:
-            group = None if m.koleo_scope == "global" else False
-            losses["koleo_loss"] = m.koleo_loss_weight * sum(koleo_loss(c, group=group) for c in cls_g.chunk(2))
-            total = total + losses["koleo_loss"]
-        if self.do_ibot:
-            weights = ibot_mask_weights(masks).to(torch.promote_types(s_patch.dtype, torch.float32))
-            losses["ibot_loss"] = ibot_loss(s_patch, p_patch, masks, m.student_temp, weights=weights)
-            total = total + m.ibot_loss_weight * losses["ibot_loss"]
+        # the losses in float32 (official: float32 targets and CE inputs, KoLeo with autocast off)
+        with fp32_loss(cls_g, s_cls_g, s_cls_l, s_patch) as (cls_g, s_cls_g, s_cls_l, s_patch):
+            total = cls_g.new_zeros(())
+            if m.dino_loss_weight > 0:
+                losses["dino_global_crops_loss"] = dino_loss(s_cls_g, p_cls, m.student_temp) * 2 / terms
+                total = total + m.dino_loss_weight * losses["dino_global_crops_loss"]
+                if n_local:
+                    local = dino_loss(s_cls_l.chunk(n_local), p_cls.chunk(2), m.student_temp)
+                    losses["dino_local_crops_loss"] = local / terms
+                    total = total + m.dino_loss_weight * losses["dino_local_crops_loss"]
+            if m.koleo_loss_weight > 0:
+                group = None if m.koleo_scope == "global" else False
+                losses["koleo_loss"] = m.koleo_loss_weight * sum(koleo_loss(c, group=group) for c in cls_g.chunk(2))
+                total = total + losses["koleo_loss"]
+            if self.do_ibot:
+                weights = ibot_mask_weights(masks).to(s_patch.dtype)
+                losses["ibot_loss"] = ibot_loss(s_patch, p_patch, masks, m.student_temp, weights=weights)
+                total = total + m.ibot_loss_weight * losses["ibot_loss"]
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
 
     def param_groups(self) -> list[dict]:
@@ -326,7 +333,21 @@ class DINOv2(Method):
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
+        """The final-normed [CLS] (what DINOv2's k-NN and logistic regression read)."""
         return self.eval_module().forward_features(self.normalize(images))["x_norm_clstoken"]
+
+    @torch.no_grad()
+    def linear_features(self, images: Tensor) -> Tensor:
+        """DINOv2's linear-probe input: final-normed [CLS] of the last ``eval.probe_blocks`` blocks and the
+        average of the last block's patch tokens (``visrep.eval.features.linear_input``)."""
+        return linear_input(self.eval_module(), self.normalize(images), self.run_cfg.eval.probe_blocks)
+
+    def probe_features(self, protocol: str):
+        if protocol != "linear":
+            return self.features, self.feature_description
+        n, who = self.run_cfg.eval.probe_blocks, "student EMA" if self.distill else "teacher"
+        return self.linear_features, (f"DINOv2 linear input: the {who} backbone's final-normed [CLS] of the last "
+                                      f"{n} block{'s' if n > 1 else ''} + the average of its patch tokens")
 
     def export_modules(self) -> dict[str, Export]:
         mods = {"teacher_backbone": self.eval_module(), "student_backbone": self.student["backbone"]}
