@@ -114,7 +114,8 @@ def reference_loss(iwm, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("conditioning, extra", [("feature", []), ("sequence", []), ("none", []),
-                                                 ("feature", ["method.loss=l2", "method.num_enc_masks=2",
+                                                 ("feature", ["method.loss=l2", "method.context=block",
+                                                              "method.num_enc_masks=2",
                                                               "method.enc_mask_scale=0.6,0.9"])])
 def test_training_step_equals_the_papers_loss(conditioning, extra):
     iwm = build(f"method.conditioning={conditioning}", *extra)

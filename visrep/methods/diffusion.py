@@ -33,6 +33,9 @@ channels and adds the variational-bound term ``vb`` with the "learned range" var
 (``rescale_learned_sigmas``: the official RESCALED_MSE, vb x T / 1000). Our ``linear`` schedule takes
 ``beta_start`` / ``beta_end`` as given (the official one scales 1e-4 / 0.02 by 1000 / T). The sampler
 steps are diffusers' (a well-kept library); sampling uses the epsilon channels only (fixed variance).
+Also as the official code: the DiT trains in float32 whatever ``train.precision`` (``method.precision=autocast``
+follows it), and guidance acts on the first ``guided_channels`` = 3 channels (``forward_with_cfg``; of SD's 4
+latent channels the 4th keeps the conditional prediction; null: every channel, the usual guidance).
 The DiT's size is the ``model`` section (``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
 ``mlp_ratio``, ``pos_embed``, ``grad_checkpointing``); ``patch_size: 1`` makes every pixel a token.
 
@@ -59,6 +62,7 @@ from torch import Tensor, nn
 
 from visrep.data.transforms import batch_resize_center_crop
 from visrep.errors import ConfigError
+from visrep.losses.precision import autocast_off
 from visrep.models.dit import DiT
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups
@@ -83,6 +87,8 @@ class DiffusionConfig:
     sampler: Literal["ddpm", "ddim"] = "ddim"
     sample_steps: int = 50
     guidance: float = 1.5                   # classifier-free guidance scale (1: conditional only)
+    guided_channels: int | None = 3         # official forward_with_cfg: the first 3 channels; null: all
+    precision: Literal["fp32", "autocast"] = "fp32"   # official: float32 training; autocast: train.precision
     ddim_eta: float = 0.0
     feature_timestep: int = 10              # timestep at which features() reads the DiT
     vae: str | None = None                  # local diffusers AutoencoderKL folder: latent diffusion
@@ -242,6 +248,8 @@ class Diffusion(Method):
                               "0 < beta_start < beta_end < 1")
         if m.guidance < 0:
             raise ConfigError(f"method.guidance={m.guidance} must be >= 0 (1: no guidance)")
+        if m.guided_channels is not None and m.guided_channels < 1:
+            raise ConfigError(f"method.guided_channels={m.guided_channels} must be >= 1 (null: every channel)")
 
     def __init__(self, cfg, data_info: DataInfo):
         super().__init__(cfg, data_info)
@@ -332,7 +340,11 @@ class Diffusion(Method):
         return terms
 
     def training_step(self, batch: dict, step: Step) -> dict[str, Tensor]:
-        terms = self.loss_terms(batch)
+        if self.cfg.precision == "fp32":  # the official DiT trains in float32: the engine's autocast off
+            with autocast_off():
+                terms = self.loss_terms(batch)
+        else:
+            terms = self.loss_terms(batch)
         return {"loss": terms["loss"].mean(), **{k: v.detach().mean() for k, v in terms.items() if k != "loss"}}
 
     def param_groups(self) -> list[dict]:
@@ -364,7 +376,9 @@ class Diffusion(Method):
         null = torch.full_like(labels, self.dit.null_class)
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))[:, :c]
         eps_cond, eps_uncond = both.chunk(2)
-        return classifier_free_guidance(eps_cond, eps_uncond, scale)
+        k = c if self.cfg.guided_channels is None else min(c, self.cfg.guided_channels)
+        # official: guidance on the first 3 channels only; the others keep the conditional prediction
+        return torch.cat([classifier_free_guidance(eps_cond[:, :k], eps_uncond[:, :k], scale), eps_cond[:, k:]], 1)
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:

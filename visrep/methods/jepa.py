@@ -20,19 +20,20 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from visrep.data.crops import CropSpec, take_crops
 from visrep.data.masks import MultiBlockMaskCollator
-from visrep.data.transforms import batch_random_resized_crop, batch_resize_center_crop
+from visrep.data.transforms import batch_resize_center_crop
 from visrep.errors import ConfigError
 from visrep.eval.finetune import AttentivePooler, train_classifier
 from visrep.eval.protocols import Protocol
-from visrep.losses import jepa_loss, normalized_targets
+from visrep.losses import fp32_loss, jepa_loss, normalized_targets
 from visrep.models import Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.models.vit import redraw_linear_
 from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups, no_decay_official_jepa
 from visrep.optim.schedules import linear_momentum
 
-from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 
 @dataclass
@@ -53,6 +54,7 @@ class JEPAConfig:
     min_keep: int = 10
     allow_overlap: bool = False
     mask_mode: Literal["default", "official"] = "default"
+    context: Literal["block", "complement"] = "block"   # I-JEPA: a context block; complement: all but targets
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: bool = False
     rescale_init: bool = False                 # official: False (Linear layers re-drawn, see above)
@@ -80,7 +82,8 @@ def ijepa_loss(encoder, target_encoder, predictor, imgs: Tensor, masks_enc: list
         if target_blocks == 1:
             h = target_encoder(target_imgs)[:, target_encoder.num_prefix:]
         else:
-            h = torch.stack(target_encoder.get_intermediate_layers(target_imgs, n=target_blocks)).mean(0)
+            with fp32_loss(*target_encoder.get_intermediate_layers(target_imgs, n=target_blocks)) as blocks:
+                h = torch.stack(blocks).mean(0)      # the targets in float32 (I-JEPA: LN on autocast's fp32 list)
         h = apply_masks(normalized_targets(h), masks_pred)
         if pairing == "blocks":
             h = repeat_interleave_batch(h, imgs.size(0), repeat=len(masks_enc))
@@ -134,7 +137,8 @@ class JEPA(Method):
             MultiBlockMaskCollator(input_size=cfg.data.image_size, patch_size=mc.patch_size,
                                    enc_mask_scale=m.enc_mask_scale, pred_mask_scale=m.pred_mask_scale,
                                    aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks, npred=m.num_pred_masks,
-                                   min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
+                                   min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode,
+                                   context=m.context)
         except ValueError as e:
             raise ConfigError(f"method (masks): {e}") from None
 
@@ -149,7 +153,8 @@ class JEPA(Method):
         self.mask_collator = MultiBlockMaskCollator(
             input_size=self.image_size, patch_size=mc.patch_size, enc_mask_scale=m.enc_mask_scale,
             pred_mask_scale=m.pred_mask_scale, aspect_ratio=m.aspect_ratio, nenc=m.num_enc_masks,
-            npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode)
+            npred=m.num_pred_masks, min_keep=m.min_keep, allow_overlap=m.allow_overlap, mode=m.mask_mode,
+            context=m.context)
 
     def build_predictor(self, embed_dim: int, num_heads: int, redraw: bool = True) -> Predictor:
         """A freshly initialised predictor (with ``redraw``: the official init unless ``rescale_init``)."""
@@ -168,24 +173,21 @@ class JEPA(Method):
         return {}
 
     # -- data ------------------------------------------------------------------------------------
-    def sample_transform(self):
-        """Per-sample pipeline for file datasets (the DataLoader path): RandomResizedCrop only, to
-        float [0, 1] (``prepare_batch`` augments and normalises the batch)."""
-        from visrep.data.transforms import train_transform
+    def streams(self) -> dict[str, StreamSpec]:
+        """One RandomResizedCrop of the full image (official: ``RandomResizedCrop(crop_scale)``)."""
+        return {"main": StreamSpec(crops={"image": CropSpec(self.image_size, 1, tuple(self.cfg.crop_scale),
+                                                            hflip=self.cfg.hflip)})}
 
-        return train_transform("ijepa", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
-                               normalize=False)
+    def crop(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """The batch's crops, float [0, 1] ``[B, C, S, S]``."""
+        return take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
 
     def augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Batch augmentation after the crop, on float [0, 1] images (I-JEPA: none)."""
         return images
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = batch["image"]
-        if images.dtype == torch.uint8:  # in-memory path: raw images, crop the whole batch at once
-            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
-                                               generator=generator, hflip=self.cfg.hflip)
-        images = self.normalize(self.augment(images, generator))
+        images = self.normalize(self.augment(self.crop(batch, generator), generator))
         masks_enc, masks_pred = self.sample_masks(images.size(0), generator)
         return {**batch, "image": images, "masks_enc": masks_enc, "masks_pred": masks_pred}
 

@@ -21,6 +21,8 @@ The decoder blocks use ``model.mlp_ratio``, as the official ones. Kept tokens ar
 (official: noise order; attention does not depend on the order). ``norm_pix_loss`` (the official
 recipe uses it) normalises each target patch by its own mean and unbiased variance; it is refused
 where a patch holds a single value (patch size 1 on grey images), which it would map to zero.
+Initialisation as the official ``initialize_weights`` (``method.init=xavier``: xavier_uniform for every
+Linear, no depth rescale; ``trunc_normal``: our ViT default, trunc_normal(0.02) with the depth rescale).
 Weight decay as ``main_pretrain.py`` (timm's ``add_weight_decay``): every parameter except 1-D
 tensors and biases, so [CLS] and mask tokens are decayed; a learned position table (pixel tokens,
 ours) is not. Probe features: the encoder's average-pooled (or [CLS]) final-normed tokens (MAE's own
@@ -32,15 +34,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from visrep.data.transforms import batch_random_resized_crop
+from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
+from visrep.losses.precision import float32_loss
 from visrep.models import Predictor, apply_masks, vit_from_config
 from visrep.models.vit import attention_backend, block_tail, run_blocks
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 
 @dataclass
@@ -54,6 +57,7 @@ class MAEConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     pool: Literal["avg", "cls"] = "avg"
+    init: Literal["xavier", "trunc_normal"] = "xavier"   # official initialize_weights; or our ViT default
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -93,6 +97,7 @@ def mae_no_decay(name: str, p: Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name
 
 
+@float32_loss
 def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool = False, eps: float = 1e-6) -> Tensor:
     """Mean squared error over masked tokens ``[B, M, P]``; ``norm_pix``: targets normalised per patch
     (mean and unbiased variance over the patch's P values, as the official code)."""
@@ -101,6 +106,26 @@ def mae_loss(pred: Tensor, target: Tensor, norm_pix: bool = False, eps: float = 
         target = (target - mean) / (var + eps).sqrt()
     dtype = torch.promote_types(pred.dtype, torch.float32)  # low precision (autocast) -> float32, float64 stays
     return (pred.to(dtype) - target.to(dtype)).pow(2).mean()
+
+
+def mae_official_init_(encoder: nn.Module, decoder: nn.Module) -> None:
+    """The official ``initialize_weights``: every ``nn.Linear`` xavier_uniform with zero bias (encoder and
+    decoder, no depth rescale), LayerNorm (1, 0), the patch projection xavier_uniform as a Linear layer,
+    [CLS] and mask tokens N(0, 0.02); position tables as built (sin-cos, or learned for pixel tokens)."""
+    for module in (encoder, decoder):
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    w = encoder.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for token in (encoder.cls_token, encoder.register_tokens, decoder.mask_token):
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
 
 
 class MAE(Method):
@@ -131,20 +156,17 @@ class MAE(Method):
                                  num_heads=m.decoder_heads, mlp_ratio=mc.mlp_ratio, rescale_init=False,
                                  out_dim=mc.patch_size ** 2 * chans, pos_embed=mc.pos_embed)
         self.decoder.grad_checkpointing = self.encoder.grad_checkpointing
+        if m.init == "xavier":
+            mae_official_init_(self.encoder, self.decoder)
 
     # -- data ------------------------------------------------------------------------------------
-    def sample_transform(self):
-        from visrep.data.transforms import train_transform
-
-        return train_transform("rrc", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
-                               normalize=False)
+    def streams(self) -> dict[str, StreamSpec]:
+        """One RandomResizedCrop (+ flip) of the full image (official ``main_pretrain.py``)."""
+        m = self.cfg
+        return {"main": StreamSpec(crops={"image": CropSpec(self.image_size, 1, tuple(m.crop_scale), hflip=m.hflip)})}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = batch["image"]
-        if images.dtype == torch.uint8:
-            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale,
-                                               generator=generator, hflip=self.cfg.hflip)
-        images = self.normalize(images)
+        images = self.normalize(take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0])
         keep, masked = random_masking(images.size(0), self.encoder.grid[0] * self.encoder.grid[1],
                                       self.cfg.mask_ratio, generator)
         return {**batch, "image": images, "keep": keep, "masked": masked}

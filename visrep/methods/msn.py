@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from visrep import distributed as D
-from visrep.data.views import PhotometricSpec, augmented_views
+from visrep.data.crops import CropSpec, take_crops
+from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import ConfigError
-from visrep.losses import msn_loss, power_law_prior
+from visrep.losses import fp32_loss, msn_loss, power_law_prior
 from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import ProjectionHead
 from visrep.models.vit import redraw_linear_
@@ -34,7 +35,7 @@ from visrep.optim.ema import ema_update_, make_target
 from visrep.optim.groups import decay_groups, no_decay_bias_bn
 from visrep.optim.schedules import linear_momentum
 
-from .base import DataInfo, Export, Method, Step, check_vit_config, module_metadata
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 
 @dataclass
@@ -138,19 +139,25 @@ class MSN(Method):
                                     brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
 
     # -- data ------------------------------------------------------------------------------------
-    def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
-        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
+    def streams(self) -> dict[str, StreamSpec]:
+        """The target and anchor views (``rand_crop_scale``) and the focal views, from the full image."""
+        m = self.cfg
+        crops = {"rand": CropSpec(self.rand_size, 1 + m.rand_views, tuple(m.rand_crop_scale), hflip=m.hflip)}
+        if m.focal_views:
+            crops["focal"] = CropSpec(m.focal_size, m.focal_views, tuple(m.focal_crop_scale), hflip=m.hflip)
+        return {"main": StreamSpec(crops=crops)}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        m = self.cfg
-        images = batch["image"]
-        rand = self._views(images, 1 + m.rand_views, self.rand_size, m.rand_crop_scale, generator)
-        out = {**batch, "target": rand[:, 0], "anchors": rand[:, 1:]}
-        if m.focal_views:
-            out["focal"] = self._views(images, m.focal_views, m.focal_size, m.focal_crop_scale, generator)
+        crops = take_crops(batch, self.streams()["main"].crops, generator)
+        views = {k: photometric_views(v, self.spec, self.normalize, generator) for k, v in crops.items()}
+        out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
+        out.update(target=views["rand"][:, 0], anchors=views["rand"][:, 1:])
+        if "focal" in views:
+            out["focal"] = views["focal"]
         if self.keep:  # one permutation for the whole batch (official), stored per sample
+            B, device = out["target"].shape[0], out["target"].device
             perm = torch.randperm(self.num_patches, generator=generator)[:self.keep]
-            out["idx_keep"] = perm.to(images.device).expand(images.shape[0], -1).contiguous()
+            out["idx_keep"] = perm.to(device).expand(B, -1).contiguous()
         return out
 
     # -- training --------------------------------------------------------------------------------
@@ -168,10 +175,12 @@ class MSN(Method):
         with torch.no_grad():
             h = self.target_head(self.target_encoder(batch["target"])[:, 0])
         z = encode_views(self.encoder, views, batch.get("idx_keep"), self.head)
-        out = msn_loss(z, h, self.prototypes, tau=m.temperature, T=self.sharpen_at(step),
-                       proto_labels=self.proto_labels, me_max_weight=m.me_max_weight,
-                       entropy_weight=m.entropy_weight, use_sinkhorn=m.use_sinkhorn, sinkhorn_iters=m.sinkhorn_iters,
-                       prior=self.prior, kl_direction=m.kl_direction, sinkhorn_prior=m.sinkhorn_follows_prior)
+        with fp32_loss(z, h) as (z, h):  # official: trains in float32; here the backbone may run in autocast
+            out = msn_loss(z, h, self.prototypes, tau=m.temperature, T=self.sharpen_at(step),
+                           proto_labels=self.proto_labels, me_max_weight=m.me_max_weight,
+                           entropy_weight=m.entropy_weight, use_sinkhorn=m.use_sinkhorn,
+                           sinkhorn_iters=m.sinkhorn_iters, prior=self.prior, kl_direction=m.kl_direction,
+                           sinkhorn_prior=m.sinkhorn_follows_prior)
         return {k: out[k] for k in ("loss", "ce", "me_max", "entropy", "np", "max_t", "min_t")}
 
     def before_optimizer_step(self, step: Step) -> None:

@@ -21,15 +21,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from visrep.data.views import PhotometricSpec, augmented_views
+from visrep.data.crops import CropSpec, take_crops
+from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
-from visrep.losses import paws_loss, smoothed_one_hot, snn
+from visrep.losses import fp32_loss, paws_loss, smoothed_one_hot, snn
 from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
 from visrep.models.resnet import TorchvisionResNet
 from visrep.models.wide_resnet import WideResNet, wide_resnet28_2
-from visrep.optim.groups import decay_groups, no_decay_bias_bn
+from visrep.optim.groups import decay_groups, no_decay_bias_bn, no_decay_paws
 
 from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
@@ -116,23 +117,28 @@ class PAWS(Method):
 
     def streams(self) -> dict[str, StreamSpec]:
         m = self.cfg
-        return {"main": StreamSpec(),
+        large = dict(size=self.image_size, scale=tuple(m.crop_scale), hflip=m.hflip)
+        crops = {"large": CropSpec(count=2, **large)}
+        if m.multicrop:
+            crops["small"] = CropSpec(m.mc_size, m.multicrop, tuple(m.mc_scale), hflip=m.hflip)
+        return {"main": StreamSpec(crops=crops),
                 "supports": StreamSpec(sampler="class_balanced", classes=m.classes_per_batch,
                                        per_class=m.supports_per_class, labels_per_class=m.labels_per_class,
-                                       label_fraction=m.label_fraction, labelled_file=m.labels_file)}
+                                       label_fraction=m.label_fraction, labelled_file=m.labels_file,
+                                       crops={"views": CropSpec(count=m.supervised_views, **large)})}
 
     # -- data ------------------------------------------------------------------------------------
-    def _views(self, images: Tensor, n: int, size: int, scale, generator: torch.Generator) -> Tensor:
-        return augmented_views(images, n, size, scale, self.spec, self.normalize, self.cfg.hflip, generator)
-
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        m = self.cfg
-        out = {**batch, "large": self._views(batch["image"], 2, self.image_size, m.crop_scale, generator)}
-        if m.multicrop:
-            out["small"] = self._views(batch["image"], m.multicrop, m.mc_size, m.mc_scale, generator)
+        streams = self.streams()
+
+        def views(b: dict, stream: str) -> dict[str, Tensor]:
+            return {k: photometric_views(v, self.spec, self.normalize, generator)
+                    for k, v in take_crops(b, streams[stream].crops, generator).items()}
+
+        out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
+        out.update(views(batch, "main"))
         sup = batch["supports"]
-        views = self._views(sup["image"], m.supervised_views, self.image_size, m.crop_scale, generator)
-        out["supports"] = {**sup, "views": views}
+        out["supports"] = {**{k: v for k, v in sup.items() if k not in ("image", "crops")}, **views(sup, "supports")}
         return out
 
     # -- training --------------------------------------------------------------------------------
@@ -154,23 +160,24 @@ class PAWS(Method):
         views = sup_views + view_major(batch["large"]) + (view_major(batch["small"]) if "small" in batch else [])
         h, z = self.embed(views)
         B = batch["large"].shape[0]
-        labels = smoothed_one_hot(sup["label"], self.num_classes, m.label_smoothing, dtype=z.dtype)
-        labels = labels.repeat(m.supervised_views, 1)
-        target_views = h[n_sup:n_sup + 2 * B].detach()
-        target_views = torch.cat([target_views[B:], target_views[:B]])
-        out = paws_loss(z[n_sup:], z[:n_sup], labels, target_views, h[:n_sup].detach(), labels,
-                        tau=m.temperature, T=m.sharpen, multicrop=m.multicrop if "small" in batch else 0,
-                        me_max_weight=1.0 if m.me_max else 0.0, threshold=m.threshold)
+        with fp32_loss(h, z) as (h, z):  # official: the loss in float32, autocast off
+            labels = smoothed_one_hot(sup["label"], self.num_classes, m.label_smoothing, dtype=z.dtype)
+            labels = labels.repeat(m.supervised_views, 1)
+            target_views = h[n_sup:n_sup + 2 * B].detach()
+            target_views = torch.cat([target_views[B:], target_views[:B]])
+            out = paws_loss(z[n_sup:], z[:n_sup], labels, target_views, h[:n_sup].detach(), labels,
+                            tau=m.temperature, T=m.sharpen, multicrop=m.multicrop if "small" in batch else 0,
+                            me_max_weight=1.0 if m.me_max else 0.0, threshold=m.threshold)
         return {k: out[k] for k in ("loss", "ce", "me_max")}
 
     def before_optimizer_step(self, step: Step) -> None:
         self.head.zero_redundant_bias_grads_()
 
     def param_groups(self) -> list[dict]:
-        # official: no weight decay and no LARS adaptation for names with 'bias' or 'bn' (1-D
-        # LayerNorm / token tensors of the ViT are treated the same way here)
+        # official: no weight decay and no LARS adaptation for names with 'bias' or 'bn' only (a ResNet's
+        # downsample BN is decayed and adapted); the ViT (no official one) also excludes its 1-D tensors
         mods = [self.encoder, self.head] + ([self.pred] if self.pred is not None else [])
-        return decay_groups(*mods, no_decay=no_decay_bias_bn)
+        return decay_groups(*mods, no_decay=no_decay_bias_bn if self.cfg.backbone == "vit" else no_decay_paws)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
