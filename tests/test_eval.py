@@ -474,3 +474,39 @@ def test_knn_default_ks_and_small_sets():
     assert list(knn_classify(*clusters(n_train_per_class=40))) == [10, 20, 100, 200]
     res = run_protocols({"a": (xtr, ytr, xte, yte)}, ["knn"], verbose=False)
     assert res["rows"] == ["k-NN k=10", "k-NN k=20", "k-NN k=100"]
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_dinov2_protocols_read_the_official_features(tmp_path, blocks, monkeypatch):
+    """DINOv2: the linear rows read eval/linear.py's input ([CLS] of the last eval.probe_blocks blocks + patch
+    average), k-NN and low-shot the [CLS] (knn.py / log_regression.py); the runner extracts both and says so."""
+    from test_contract import build, tiny_config
+
+    import visrep.eval
+    import visrep.runner as runner
+    from visrep.eval import linear_input
+
+    cfg = tiny_config("dinov2", tmp_path, "model.depth=4", f"eval.probe_blocks={blocks}", "eval.linear_epochs=1",
+                      "eval.lowshot_shots=[1]", "eval.lowshot_fraction=0", "eval.lowshot_seeds=1", "eval.knn_k=[3]")
+    method, ds = build(cfg)
+    method.eval()
+    x = ds.tensors()[0][:5]
+    fn, about = method.probe_features("linear")
+    want = linear_input(method.eval_module(), method.normalize(x), blocks)
+    assert torch.equal(fn(x), want) and want.shape[1] == (blocks + 1) * cfg.model.embed_dim
+    assert f"last {blocks} block" in about
+    for protocol in ("knn", "lowshot"):
+        assert method.probe_features(protocol) == (method.features, method.feature_description)
+    seen = {}
+    real = visrep.eval.run_protocols
+
+    def spy(feats, eval_cfg):
+        seen.update(feats)
+        return real(feats, eval_cfg, verbose=False)
+
+    monkeypatch.setattr(visrep.eval, "run_protocols", spy)  # (the runner imports it when it runs)
+    _, table = runner.evaluate_feature_sets({"pretrained": method.features}, cfg, notes=["n"])
+    fs = seen["pretrained"]
+    assert fs["linear"][0].shape[1] == (blocks + 1) * cfg.model.embed_dim
+    assert fs["default"][0].shape[1] == cfg.model.embed_dim
+    assert "pretrained, linear: DINOv2 linear input" in table and "low-shot: MSN's logistic_eval.py" in table
