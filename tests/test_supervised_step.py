@@ -60,7 +60,7 @@ def check(m, loss, ref, tol=1e-12):
 
 def images_and_labels():
     g = torch.Generator().manual_seed(2)
-    images = torch.rand(B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)   # float: no crop / RandAugment
+    images = torch.rand(B, 3, SIZE, SIZE, generator=g, dtype=torch.float64)   # given as the views (crops)
     return images, torch.tensor([0, 3, 3, 4])
 
 
@@ -68,7 +68,7 @@ def images_and_labels():
 def test_loss_is_label_smoothed_cross_entropy_of_the_logits(pool, smoothing):
     cfg, m = build(pool=pool, label_smoothing=smoothing)
     images, labels = images_and_labels()
-    batch = m.prepare_batch({"image": images, "label": labels, "index": torch.arange(B)},
+    batch = m.prepare_batch({"crops": {"image": images[:, None]}, "label": labels, "index": torch.arange(B)},
                             torch.Generator().manual_seed(0))
     x = batch["image"]
     mean, std = torch.tensor(INFO.mean).view(1, 3, 1, 1), torch.tensor(INFO.std).view(1, 3, 1, 1)
@@ -85,7 +85,7 @@ def test_mixed_batches_weight_both_labels(kind):
     s = 0.1
     cfg, m = build(label_smoothing=s, mixup=0.8 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0)
     images, labels = images_and_labels()
-    batch = m.prepare_batch({"image": images, "label": labels, "index": torch.arange(B)},
+    batch = m.prepare_batch({"crops": {"image": images[:, None]}, "label": labels, "index": torch.arange(B)},
                             torch.Generator().manual_seed(5))
     xn = m.normalize(images)
     xf, xm = xn.flip(0), batch["image"]

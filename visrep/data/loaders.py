@@ -73,6 +73,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.start_index = 0
+        self.with_epoch = False  # yield (index, epoch): per-sample views seeded by both (DictDataset)
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         super().set_epoch(epoch)
@@ -82,8 +83,9 @@ class ResumableSampler(DistributedSampler):
         perm = epoch_permutation(len(self.dataset), self.seed, self.epoch, self.shuffle)
         return shard_indices(perm, self.rank, self.num_replicas, self.drop_last)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start_index:].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self.indices()[self.start_index:].tolist()
+        return iter([(i, self.epoch) for i in indices] if self.with_epoch else indices)
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_index)

@@ -45,28 +45,42 @@ def memory_batch(dataset, images: Tensor, labels: Tensor | None, index: Tensor, 
 class DictDataset(Dataset):
     """Any ``(image, label)`` dataset as one yielding ``{"image", "label", "index"[, "caption"]}``."""
 
-    def __init__(self, dataset, captions: bool = False):
-        self.dataset, self.captions = dataset, captions
+    def __init__(self, dataset, captions: bool = False, crops: dict | None = None, seed: int = 0):
+        from .crops import CropViews
+
+        self.dataset, self.captions, self.seed = dataset, captions, seed
+        self.crops = CropViews(crops) if crops else None  # views cut here, in the loader workers
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, epoch)`` (a :class:`ResumableSampler` with ``with_epoch``) to
+        draw the sample's views from a generator seeded by ``(seed, epoch, index)``."""
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         item = self.dataset[i]
         image, label = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, -1)
-        out = {"image": image, "label": -1 if label is None else int(label), "index": int(i)}
+        out = {"label": -1 if label is None else int(label), "index": int(i)}
+        if self.crops is not None:  # full-resolution images differ in size: only their views travel
+            g = None if epoch is None else torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
+            out["crops"] = self.crops(image, g)
+        else:
+            out["image"] = image
         if self.captions:
             out["caption"] = _captions_of(self.dataset, i)
         return out
 
 
 def collate_dicts(items: Sequence[dict]) -> dict:
-    """Stack images, make label / index tensors, keep captions as a list."""
+    """Stack images (or each kind of view), make label / index tensors, keep captions as a list."""
     out: dict[str, Any] = {
-        "image": torch.stack([torch.as_tensor(it["image"]) for it in items]),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    if items and "crops" in items[0]:
+        out["crops"] = {k: torch.stack([it["crops"][k] for it in items]) for k in items[0]["crops"]}
+    else:
+        out["image"] = torch.stack([torch.as_tensor(it["image"]) for it in items])
     if items and "caption" in items[0]:
         out["caption"] = [it["caption"] for it in items]
     return out

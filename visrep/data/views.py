@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transforms import batch_random_resized_crop
-
 __all__ = [
-    "augmented_views",
+    "photometric_views",
     "PARAM_NAMES", "NUM_PARAMS", "IDENTITY_PARAMS", "LUMA_WEIGHTS", "PhotometricSpec", "TARGET",
     "SOURCE", "IDENTITY", "param_bounds", "blur_kernel_size", "sample_params", "apply_params",
     "photometric", "normalize_params", "action", "iwm_views",
@@ -345,12 +343,11 @@ def iwm_views(images: torch.Tensor, generator: torch.Generator | None = None, so
     return dict(source=x, target=y, action=action(ps, pt, source), params_source=ps, params_target=pt)
 
 
-def augmented_views(images: Tensor, n: int, size: int, scale, spec: PhotometricSpec, normalize: nn.Module,
-                    hflip: bool, generator: torch.Generator) -> Tensor:
-    """``n`` random resized crops of every image (+ flip, photometric ``spec``, normalisation) in one
-    batched call: ``[B, n, C, size, size]`` (per-sample leading dim, so sharding a batch shards them)."""
-    B = images.shape[0]
-    crops = batch_random_resized_crop(images.repeat(n, 1, 1, 1), size, scale=scale, generator=generator,
-                                      hflip=hflip)                                  # view-major
-    crops, _ = photometric(crops, spec, generator)
-    return normalize(crops).reshape(n, B, *crops.shape[1:]).transpose(0, 1)
+def photometric_views(crops: Tensor, spec: PhotometricSpec, normalize: nn.Module,
+                      generator: torch.Generator) -> Tensor:
+    """Photometric ops (``spec``) and normalisation of views ``[B, n, C, s, s]`` (float [0, 1], from
+    :func:`visrep.data.crops.take_crops`) in one batched call, view-major draws; same shape out
+    (per-sample leading dim, so sharding a batch shards its views)."""
+    B, n = crops.shape[:2]
+    x, _ = photometric(crops.transpose(0, 1).reshape(n * B, *crops.shape[2:]), spec, generator)
+    return normalize(x).reshape(n, B, *x.shape[1:]).transpose(0, 1)

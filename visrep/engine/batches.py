@@ -11,6 +11,7 @@ sees the same batches.
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,10 +58,12 @@ class BatchSource:
             self.steps_per_epoch, n = len(self.memory), images.shape[0]
         else:
             pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-            self.loader = build_loader(DictDataset(train_data, captions=self.captions), self.batch_size,
+            self.loader = build_loader(DictDataset(train_data, captions=self.captions, crops=main.crops,
+                                                   seed=tc.seed), self.batch_size,
                                        shuffle=True, collate_fn=collate_dicts, num_workers=cfg.data.num_workers,
                                        pin_memory=pin, drop_last=True, seed=tc.seed, distributed=world > 1,
                                        rank=rank, world_size=world)
+            self.loader.sampler.with_epoch = True  # views a pure function of (seed, epoch, index)
             self.steps_per_epoch, n = self.loader.sampler.num_samples // self.batch_size, len(train_data)
         if self.steps_per_epoch < 1:
             raise ValueError(f"train.batch_size={self.batch_size} x {world} process(es) is larger than "
@@ -82,8 +85,9 @@ class BatchSource:
             idx_d = idx.to(self.memory.images.device)
             return memory_batch(self.data, self.memory.images.index_select(0, idx_d),
                                 self.memory.labels.index_select(0, idx_d), idx, captions=spec.captions)
-        ds = DictDataset(self.data, captions=spec.captions)
-        return collate_dicts([ds[i] for i in idx.tolist()])
+        ds = DictDataset(self.data, captions=spec.captions, crops=spec.crops, seed=mix_seed(self.cfg.train.seed,
+                                                                                             zlib.crc32(name.encode())))
+        return collate_dicts([ds[(i, step)] for i in idx.tolist()])
 
     def raw(self, start_step: int) -> Iterator[dict]:
         """The main stream's batch dicts of steps ``start_step, start_step + 1, ...``."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visrep.data.transforms import batch_random_resized_crop
+from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
 from visrep.losses.contrastive import clip_loss, siglip_loss
 from visrep.models.text import TextTransformer, Tokenizer
@@ -124,12 +124,12 @@ class VisionLanguage(Method):
 
     # -- data ------------------------------------------------------------------------------------
     def streams(self) -> dict[str, StreamSpec]:
-        return {"main": StreamSpec(captions=True)}
+        """Captions and one RandomResizedCrop of the full image (open_clip's train transform, no flip)."""
+        return {"main": StreamSpec(captions=True,
+                                   crops={"image": CropSpec(self.image_size, 1, tuple(self.cfg.crop_scale))})}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = batch["image"]
-        if images.dtype == torch.uint8:
-            images = batch_random_resized_crop(images, self.image_size, scale=self.cfg.crop_scale, generator=generator)
+        images = take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
         captions = batch["caption"]
         if any(not c for c in captions):
             raise ValueError("every image needs at least one caption")

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visrep.data.transforms import batch_random_resized_crop
+from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
 from visrep.models import vit_from_config
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Method, Step, check_vit_config
+from .base import DataInfo, Method, Step, StreamSpec, check_vit_config
 
 
 @dataclass
@@ -81,11 +81,10 @@ class Supervised(Method):
                                num_classes=self.num_classes)
 
     # -- data ------------------------------------------------------------------------------------
-    def sample_transform(self):
-        from visrep.data.transforms import train_transform
-
-        return train_transform("rrc", self.image_size, crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip,
-                               normalize=False)
+    def streams(self) -> dict[str, StreamSpec]:
+        """One RandomResizedCrop (+ flip) of the full image, as timm's / DeiT's train transform."""
+        m = self.cfg
+        return {"main": StreamSpec(crops={"image": CropSpec(self.image_size, 1, tuple(m.crop_scale), hflip=m.hflip)})}
 
     def randaugment(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """torchvision RandAugment on uint8 images, one draw per group of images (seeded from ``generator``)."""
@@ -103,14 +102,12 @@ class Supervised(Method):
         return F.one_hot(labels, k).double() * (1 - s) + s / k  # cast to the logits' dtype by training_step
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        m, images, labels = self.cfg, batch["image"], batch["label"]
+        m, labels = self.cfg, batch["label"]
         if (labels < 0).any():
             raise ValueError("supervised training got images without labels (label -1)")
-        if images.dtype == torch.uint8:  # in-memory path: augment the raw batch at once
-            if m.randaugment:
-                images = self.randaugment(images, generator)
-            images = batch_random_resized_crop(images, self.image_size, scale=m.crop_scale, generator=generator,
-                                               hflip=m.hflip)
+        images = take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
+        if m.randaugment:  # on the crop, as timm's transform (both data paths)
+            images = self.randaugment((images * 255).round().to(torch.uint8), generator)
         images = self.normalize(images)
         if self.mixer is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
