@@ -173,6 +173,16 @@ class Method(nn.Module):
         """Return ``{"loss": scalar, ...}``; the other entries are logged (detached)."""
         raise NotImplementedError
 
+    def record_health(self, **tensors: Tensor) -> None:
+        """Keep (detached, no copy) what the loss sees, for the engine's collapse signals at log steps
+        (:mod:`visrep.engine.health`): ``embeddings`` [N, D] it compares, ``target_probs`` [N, K] of
+        prototype / self-distillation targets, ``target_repr`` [N, D] it regresses."""
+        self._health = {k: v.detach() for k, v in tensors.items() if v is not None}
+
+    def health_inputs(self) -> dict[str, Tensor]:
+        """The tensors of the last :meth:`record_health` (empty when the method records none)."""
+        return getattr(self, "_health", {})
+
     def param_groups(self) -> list[dict]:
         """Optimizer groups. Keys besides ``params``: ``lr_scale``, ``wd_scale``, ``freeze_until``
         (lr 0 before that step), ``wd_exclude`` (see :mod:`visrep.optim.groups`)."""
