@@ -64,6 +64,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from visrep.bench import bench
+
+    bench(args.recipes or None, minutes=args.minutes, steps=args.steps, out_dir=args.out, overrides=args.overrides,
+          data_root=args.data_root)
+    return 0
+
+
 def cmd_curate(args) -> int:
     from visrep.curate import curate_checkpoint
 
@@ -131,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("overrides", nargs="*", help="config overrides for the demo recipe")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="every packaged CPU recipe (or the ones named) at one equal budget, evaluated "
+                                     "with its own protocols and features, in one table (resumable)")
+    p.add_argument("recipes", nargs="*", help="recipes to run (default: every configs/<method>/fashion_mnist*)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="pretraining budget of each recipe (schedules fitted to it)")
+    budget.add_argument("--steps", type=int, help="pretraining steps of each recipe")
+    p.add_argument("--out", default="runs/bench", help="output folder (finished runs in it are reused)")
+    p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every recipe")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("curate", help="deduplicate / retrieve / cluster-balance a training set; write a file list "
                                       "for data.subset_file")
