@@ -198,10 +198,11 @@ def test_nan_guard_names_step_and_term(tmp_path):
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg, ToyMethod(nan_at=3), ToyData())
     msg = str(info.value)
-    assert "step 3 (epoch 0)" in msg and "loss_ce=nan" in msg and "loss=nan" in msg
+    # the 4th step (index 3) is numbered 4, as metrics.jsonl numbers the record written after it
+    assert "step 4 (epoch 0)" in msg and "loss_ce=nan" in msg and "loss=nan" in msg
     assert "loss_reg" not in msg  # finite terms are not blamed
-    assert str(tmp_path / "run" / "last.pt") in msg
-    assert info.value.step == 3
+    assert str(tmp_path / "run" / "last.pt") in msg and "(step 2" in msg
+    assert info.value.step == 4
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["step"] == 2  # the last good checkpoint, not overwritten
 

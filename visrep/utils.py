@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,10 @@ def mix_seed(*xs: int) -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically (and the
-    rename is fsynced), on any error it is removed, so ``path`` is never half-written or lost."""
+    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp``); on success it replaces
+    ``path`` atomically (and the rename is fsynced), on any error it is removed, so ``path`` is never
+    half-written or lost. A process killed in between leaves the temporary file:
+    :func:`orphaned_temps` finds it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -37,3 +40,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_path` (fsynced): the old file or the new one,
+    never an empty or half-written one. Raises the ``OSError`` of a failed write."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
+
+
+def orphaned_temps(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``folder`` (a process killed mid-write)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP.match(p.name))

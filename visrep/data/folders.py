@@ -1,11 +1,18 @@
 """Image folders: :class:`SafeImageFolder` (``root/<class>/<image>``, unreadable files skipped)
-and :func:`decode_image_rgb`, the decoder it uses.
+and :func:`decode_image_rgb`, the decoder it uses (:func:`pil_to_rgb`: 16-bit, palette, CMYK and
+alpha images converted, 32-bit float ones refused by name); :func:`skipped_images`: the files a run
+skipped, counted across DataLoader workers.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,26 +21,77 @@ from torch.utils.data import Dataset
 
 from .datasets import DatasetNotFoundError, _as_image
 
-__all__ = ["UnreadableImageWarning", "SafeImageFolder", "decode_image_rgb"]
+__all__ = ["ALPHA_BACKGROUND", "SkipReport", "UnreadableImageWarning", "SafeImageFolder", "decode_image_rgb",
+           "pil_to_rgb", "skipped_images"]
+
+# transparent pixels are composited onto this colour (what an image viewer shows on a white page);
+# the official pipelines' ``convert("RGB")`` drops alpha instead, exposing whatever colour the
+# transparent pixels hold
+ALPHA_BACKGROUND = (255, 255, 255)
+
 
 
 class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded and was skipped."""
 
 
+class RefusedImageError(ValueError):
+    """An image PIL can read but visrep does not convert (the message names its mode)."""
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image as ``uint8 [H,W,3]`` RGB: 16-bit grey (``I;16*``, and ``I`` within 0..65535) scaled by
+    255/65535 (``convert("RGB")`` clips it to black and white), palette / grey / CMYK (through its ICC
+    profile when it has one) converted, alpha composited onto :data:`ALPHA_BACKGROUND`; 32-bit float
+    (``F``) and out-of-range ``I`` images raise :class:`RefusedImageError`."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise RefusedImageError(f"32-bit integer image (mode {mode}) with values outside 0..65535: no known "
+                                    "range to scale to 8 bits; convert it to an 8- or 16-bit image")
+        grey = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        raise RefusedImageError("32-bit floating-point image (mode F): no known range to scale to 8 bits; "
+                                "convert it to an 8- or 16-bit image")
+    if mode == "CMYK" and im.info.get("icc_profile"):
+        with contextlib.suppress(Exception):  # a broken profile: the plain conversion below
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
+            return np.asarray(ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB"),
+                              dtype=np.uint8)
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as e:
+        raise RefusedImageError(f"image mode {mode} cannot be converted to RGB ({e})") from e
+
+
 def decode_image_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file into a ``uint8 [3,H,W]`` RGB tensor.
+    """Decode an image file into a ``uint8 [3,H,W]`` RGB tensor (:func:`pil_to_rgb`).
 
     PIL first (torchvision 0.29 deprecated its own image decoders), ``torchvision.io`` as the
-    fallback for formats this PIL build cannot open. Raises ``ValueError`` when neither can.
+    fallback for formats this PIL build cannot open. Raises ``ValueError`` when neither can, and
+    :class:`RefusedImageError` for an image mode that has no RGB conversion.
     """
     path = os.fspath(path)
     if os.path.getsize(path) == 0:
         raise ValueError("empty (zero-byte) file")
     try:
         with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            arr = pil_to_rgb(im)
+        return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    except RefusedImageError:
+        raise
     except Exception as pil_err:
         try:
             with warnings.catch_warnings():
@@ -61,8 +119,9 @@ class SafeImageFolder(Dataset):
     crashes mid-epoch). With ``verify=True`` (full decode) or ``verify="fast"`` (PIL header check)
     the folder is scanned up front and bad files are dropped, with a summary warning.
 
-    Counts made inside DataLoader worker processes stay in those processes; use ``verify`` for an
-    exact count.
+    Each process warns once per file it skips; every process (DataLoader workers included) also
+    appends the path to one shared list file, so :meth:`skipped_all` (and the trainer's end-of-run
+    summary, :func:`skipped_images`) counts the run's skipped files across workers.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
@@ -79,6 +138,7 @@ class SafeImageFolder(Dataset):
         if not self.samples:
             raise DatasetNotFoundError(f"no images with extensions {exts} under {self.root}")
         self.targets = [t for _, t in self.samples]
+        self._listed = len(self.samples)  # files found, before any was skipped
         self.transform = transform
         self.loader = loader or decode_image_rgb
         self.num_classes = len(self.classes)
@@ -87,6 +147,9 @@ class SafeImageFolder(Dataset):
         self.skipped: list[str] = []
         self._skipped_set: set[str] = set()
         self._bad: set[int] = set()
+        fd, self._skip_log = tempfile.mkstemp(prefix="visrep-skipped-", suffix=".txt")
+        os.close(fd)
+        weakref.finalize(self, _remove_if_owner, self._skip_log, os.getpid())
         if verify:
             self.verify(fast=(verify == "fast"))
 
@@ -100,9 +163,19 @@ class SafeImageFolder(Dataset):
         if path not in self._skipped_set:
             self._skipped_set.add(path)
             self.skipped.append(path)
-            warnings.warn(f"skipping unreadable image {path}: {err} "
-                          f"({self.num_skipped} skipped so far in {self.root})",
+            with contextlib.suppress(OSError):  # one short O_APPEND write: whole lines from every worker
+                with open(self._skip_log, "a") as f:
+                    f.write(path.replace("\n", " ") + "\n")
+            warnings.warn(f"skipping unreadable image {path}: {err} (the run's summary counts them all)",
                           UnreadableImageWarning, stacklevel=3)
+
+    def skipped_all(self) -> list[str]:
+        """The files skipped so far by this process and by every DataLoader worker, sorted."""
+        found = set(self.skipped)
+        with contextlib.suppress(OSError):
+            with open(self._skip_log) as f:
+                found.update(line.rstrip("\n") for line in f if line.strip())
+        return sorted(found)
 
     def verify(self, fast: bool = False) -> int:
         """Scan every file now, drop unreadable ones; returns how many were dropped."""
@@ -149,3 +222,42 @@ class SafeImageFolder(Dataset):
     def __repr__(self) -> str:
         return (f"SafeImageFolder(root={self.root!r}, n={len(self)}, num_classes={self.num_classes}, "
                 f"num_skipped={self.num_skipped})")
+
+
+def _remove_if_owner(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+@dataclass
+class SkipReport:
+    """The files a dataset skipped (``paths``, sorted), of ``total`` listed under ``root``."""
+
+    root: str = ""
+    total: int = 0
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def skipped_images(ds, _depth: int = 0) -> SkipReport:
+    """What the :class:`SafeImageFolder` inside ``ds`` (itself, or wrapped by subsets: ``.dataset`` /
+    ``.data``) skipped, in every process of this machine's run; gathered over ranks when distributed
+    (a collective: call it on every rank). Empty when there is no such folder."""
+    from visrep import distributed as D
+
+    report = SkipReport()
+    node = ds
+    for _ in range(6):
+        if isinstance(node, SafeImageFolder):
+            report = SkipReport(node.root, getattr(node, "_listed", len(node.samples)), node.skipped_all())
+            break
+        node = getattr(node, "dataset", None) or getattr(node, "data", None)
+        if node is None:
+            break
+    if D.is_distributed():
+        gathered = D.all_gather_object(report.paths)
+        report.paths = sorted({p for paths in gathered for p in paths})
+    return report

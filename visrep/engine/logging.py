@@ -2,7 +2,9 @@
 
 Only the main process logs (pass ``enabled=False`` elsewhere). ``metrics.jsonl`` is appended to,
 so a resumed run continues the same file (:meth:`MetricLogger.truncate_after` drops the lines a
-crashed run wrote after the checkpoint it resumes from).
+crashed run wrote after the checkpoint it resumes from; ``purge_step`` hides them in TensorBoard).
+A failed write of ``metrics.jsonl`` raises :class:`~visrep.errors.WriteError` (path, cause, what is
+intact); a failing TensorBoard writer is switched off with one warning.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import math
 import warnings
 from pathlib import Path
 from typing import Any
+
+from visrep.errors import WriteError, os_cause
+from visrep.utils import atomic_write_text
 
 
 def _jsonable(v: Any) -> Any:
@@ -25,13 +30,17 @@ class MetricLogger:
 
     ``progress`` shows a tqdm bar over steps ``[initial, total)`` with img/s and ETA;
     :meth:`advance` moves it (cheap: tqdm redraws at most every ``mininterval`` seconds).
+    ``purge_step`` (a resumed run: the checkpoint's step + 1) hides the TensorBoard events a killed
+    run wrote from that step on, as ``truncate_after`` does for ``metrics.jsonl``.
     """
 
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
-                 progress: bool = True, total: int | None = None, initial: int = 0, desc: str = "train"):
+                 progress: bool = True, total: int | None = None, initial: int = 0, desc: str = "train",
+                 purge_step: int | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
+        self.last_step: int | None = None  # the last step written to metrics.jsonl
         self._tb = None
         self._bar = None
         if not enabled:
@@ -41,7 +50,7 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+                self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge_step)
             except Exception as e:  # tensorboard missing or broken: JSONL is enough
                 warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})", stacklevel=2)
         if progress:
@@ -65,20 +74,43 @@ class MetricLogger:
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError:  # a line cut by a kill or a full disk
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept))
+        try:
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        except OSError as e:
+            raise WriteError(f"{os_cause(e)} while truncating {self.path} to step {step}; it is unchanged") from e
+        self.last_step = step
+
+    def _tb_failed(self, e: BaseException) -> None:
+        warnings.warn(f"TensorBoard logging to {self.out_dir / 'tb'} stopped ({os_cause(e)}); metrics.jsonl "
+                      "continues", stacklevel=3)
+        tb, self._tb = self._tb, None
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001 -- the writer is already broken
+            pass
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        line = json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            upto = f"steps up to {self.last_step}" if self.last_step is not None else "no step of this run"
+            raise WriteError(f"{os_cause(e)} while appending step {record.get('step')} to {self.path}; it holds "
+                             f"{upto} (a cut last line is skipped on resume); checkpoints are not affected") from e
+        self.last_step = record.get("step", self.last_step)
         if self._tb is not None:
             step = int(record.get("step", 0))
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}" if "/" not in k else k, v, step)
+            try:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._tb.add_scalar(f"train/{k}" if "/" not in k else k, v, step)
+            except Exception as e:  # noqa: BLE001 -- TensorBoard is optional
+                self._tb_failed(e)
         if self._bar is not None:
             post = {k: f"{record[k]:.4g}" for k in ("loss", "lr") if isinstance(record.get(k), float)}
             if "images_per_sec" in record:
@@ -103,8 +135,12 @@ class MetricLogger:
             self._bar.close()
             self._bar = None
         if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+            try:
+                self._tb.flush()
+                self._tb.close()
+            except Exception as e:  # noqa: BLE001 -- TensorBoard is optional
+                warnings.warn(f"TensorBoard logging to {self.out_dir / 'tb'} could not be closed ({os_cause(e)})",
+                              stacklevel=2)
             self._tb = None
 
 

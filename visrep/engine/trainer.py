@@ -26,6 +26,13 @@ Run length and schedule horizon: ``total_steps = epochs * steps_per_epoch`` unle
 and ``Step.total_steps`` use the horizon ``int(optim.ipe_scale * total_steps)``. ``train.max_steps``
 and ``train.max_minutes`` stop a run early without changing the horizon, so a stopped run is a
 prefix of the full one.
+
+Safety (:mod:`visrep.engine.rundir`, README "What a run gives you"): ``out_dir`` is locked while a
+run trains; a fresh run into a directory holding a run is refused unless resumed or forced; a
+periodic checkpoint is written at the end of its step and becomes ``last.pt`` only once the next
+step's loss is finite, so after a NaN ``last.pt`` is the state the last finite step started from;
+SIGINT / SIGTERM save at the end of the current step; every failed write is one line (path, cause,
+what is intact).
 """
 from __future__ import annotations
 
@@ -33,19 +40,26 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
 from visrep import distributed as D
 from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visrep.errors import RunDirectoryError, WriteError, os_cause
 from visrep.methods.base import Method, Step
 from visrep.optim.factory import apply_schedules, build_optimizer, resolve_optim_defaults
 from visrep.optim.schedules import build_schedules, schedule_horizon
+from visrep.utils import atomic_write_text
 
 from .batches import BatchSource
 from .budget import refit_horizon, steps_for_budget
@@ -53,6 +67,7 @@ from .logging import MetricLogger
 from .online_knn import OnlineKNN
 from .resume import ResumeError, check_resumable, config_differences
 from .rng import rng_state, seed_everything, set_rng_state
+from .rundir import RunLock, claim_run_dir
 from .step import apply_update, forward_backward
 
 CKPT_FORMAT = 2      # 2: + data_info
@@ -60,7 +75,8 @@ HISTORY_TAIL = 1000  # log records kept in a checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN/inf; nothing was applied or saved for that step."""
+    """A loss term became NaN/inf; nothing was applied or saved for that step. ``step`` is numbered as
+    in ``metrics.jsonl`` (the steps done with this one); ``checkpoint`` the last good one (or None)."""
 
     def __init__(self, message: str, *, step: int, epoch: int, terms: dict[str, float], checkpoint: str | None):
         super().__init__(message)
@@ -72,7 +88,7 @@ class TrainResult:
     step: int                              # global steps done
     epoch: int                             # epoch of the last step done
     total_steps: int                       # planned run length (steps)
-    stopped_by: str                        # "done" | "max_steps" | "max_minutes"
+    stopped_by: str                        # "done" | "max_steps" | "max_minutes" (a signal raises)
     checkpoint: str | None                 # path of last.pt (None if nothing was saved)
     start_step: int = 0                    # where this call started (> 0 after a resume)
     losses: list[float] = field(default_factory=list)   # total loss of every step of this call
@@ -96,7 +112,9 @@ class Trainer:
         tc = cfg.train
         self.out_dir = Path(tc.out_dir)
         self.last_path = self.out_dir / "last.pt"
+        self.candidate_path = self.out_dir / ".last.pt.unverified.tmp"  # removed at the next start if left
         self.last_good: str | None = None
+        self.last_good_step: int | None = None
 
         # -- processes, device, seeds, threads
         D.init_distributed()
@@ -234,12 +252,14 @@ class Trainer:
             return self.model(batch, info)
 
     def _train_step(self, batch: dict, info: Step, optimizer: torch.optim.Optimizer,
-                    should_stop=lambda: False) -> tuple[list[str], Tensor, bool]:
-        """Forward, backward, finite check, hooks, clip, optimizer step.
+                    should_stop=lambda: False, before_update=None) -> tuple[list[str], Tensor, bool]:
+        """Forward, backward, finite check, ``before_update()``, hooks, clip, optimizer step.
 
         Returns the loss names, their values averaged over processes (a tensor, not read here) and
         whether any process asked to stop (``should_stop()``, e.g. the time budget on rank 0). The
-        finite check and the stop flag are the step's one host synchronisation.
+        finite check and the stop flag are the step's one host synchronisation. ``before_update``
+        runs once the loss is known finite, before the weights change (the trainer promotes the
+        checkpoint written at the end of the previous step there).
         """
         out = forward_backward(self.method, batch, info, forward=self._forward, autocast=self.autocast)
         names = list(out)
@@ -253,18 +273,32 @@ class Trainer:
             values = vals.tolist()
             bad_terms = (", ".join(f"{k}={v}" for k, v in zip(names, values) if not math.isfinite(v))
                          or "on another process")
-            where = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint written yet"
-            raise NonFiniteLossError(f"non-finite loss at step {info.step} (epoch {info.epoch}): {bad_terms}; {where}",
-                                     step=info.step, epoch=info.epoch, terms=dict(zip(names, values)),
-                                     checkpoint=self.last_good)
+            number = info.step + 1  # metrics.jsonl's numbering: the record of a step carries the steps done
+            where = (f"last good checkpoint: {self.last_good} (step {self.last_good_step}: the state the last finite "
+                     f"step started from); resume it, e.g. with a lower optim.lr: visrep pretrain <config> --resume "
+                     "optim.lr=<lower>" if self.last_good else "no checkpoint written yet")
+            raise NonFiniteLossError(
+                f"non-finite loss at step {number} (epoch {info.epoch}): {bad_terms}; this step's update was not "
+                f"applied and nothing of it was saved; {where}",
+                step=number, epoch=info.epoch, terms=dict(zip(names, values)), checkpoint=self.last_good)
+        if before_update is not None:
+            before_update()
         norm = apply_update(self.method, optimizer, info, clip_grad=self.cfg.optim.clip_grad, params=self.params)
         if norm is not None:
             self.grad_norm = D.full_tensor(norm)  # FSDP: a replicated DTensor (no communication)
         return names, vals, stop > 0
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _save(self, step: int, elapsed: float, history: list[dict]) -> None:
-        rng = D.all_gather_object(rng_state())  # every rank's RNG, so that DDP resumes exactly too
+    def _save(self, step: int, elapsed: float, history: list[dict], *, rng: list | None = None,
+              log_pending: dict | None = None, path: Path | None = None) -> None:
+        """Write the state after ``step`` steps to ``path`` (default ``last.pt``); collective.
+
+        ``rng``: every rank's RNG state taken at the end of that step (default: now);
+        ``log_pending``: the loss terms of the steps since the last log record (a resumed run
+        averages them into its first record, as an uninterrupted run does).
+        """
+        path = path or self.last_path
+        rng = rng if rng is not None else D.all_gather_object(rng_state())  # every rank's, so DDP resumes exactly
         model, optimizer = self.method.state_dict(), self.optimizer.state_dict()
         if self.fsdp:  # whole tensors on the main process: DDP's format, every process gathers
             from .fsdp import full_state
@@ -287,30 +321,52 @@ class Trainer:
                 "rng": rng,
                 "elapsed": elapsed,
                 "history": history[-HISTORY_TAIL:],
+                "log_pending": log_pending or {"names": [], "rows": []},
             }
             try:
-                save_checkpoint(self.last_path, state)
+                save_checkpoint(path, state)
             except CheckpointError as e:
                 error = str(e)
+                if self.last_good and path != self.last_path:
+                    error += f"; last good checkpoint: {self.last_good} (step {self.last_good_step})"
         error = D.broadcast_object(error)
         if error is not None:
             raise CheckpointError(error)
-        self.last_good = str(self.last_path)
+        if path == self.last_path:
+            self.last_good, self.last_good_step = str(self.last_path), step
+
+    def _promote(self, step: int) -> None:
+        """The step after the candidate checkpoint of ``step`` was finite: it becomes ``last.pt``."""
+        error = None
+        if D.is_main():
+            try:
+                os.replace(self.candidate_path, self.last_path)
+            except OSError as e:
+                error = (f"{os_cause(e)} while renaming {self.candidate_path} to {self.last_path}; "
+                         + (f"{self.last_path} (step {self.last_good_step}) is intact" if self.last_good
+                            else "no checkpoint was written"))
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
+        self.last_good, self.last_good_step = str(self.last_path), step
 
     def _resume(self, resume: bool | str) -> dict | None:
-        """Load the checkpoint to continue from (None: start fresh); restores weights, optimizer, RNG."""
+        """Load the checkpoint to continue from (None: start fresh); restores weights, optimizer, RNG.
+        The optimisation settings a resume may change (:data:`~visrep.engine.resume.RESUME_MAY_CHANGE`)
+        take this run's values; ``state["changes"]`` lists them."""
         if resume is False or resume is None:
             return None
         path = self.last_path if resume in (True, "auto") else Path(resume)
         if resume == "auto" and not Path(path).is_file():
             return None
         state = load_checkpoint(path, map_location="cpu")
-        check_resumable(path, state, self.cfg.to_dict(), self.world, self.batch_size, CKPT_FORMAT)
+        changes = check_resumable(path, state, self.cfg.to_dict(), self.world, self.batch_size, CKPT_FORMAT)
         if not self.explicit_total and state.get("explicit_total_steps"):
             self.set_total_steps(state["total_steps"])  # e.g. a run calibrated to a time budget
         elif self.total_steps != state["total_steps"]:
             warnings.warn(f"resuming {path} with a different run length ({state['total_steps']} -> "
                           f"{self.total_steps} steps): the lr/wd schedules change from here on", stacklevel=3)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.fsdp:  # a whole (DDP-format) checkpoint, cut into this process's shards
             from .fsdp import load_full_optimizer_state, load_full_state
 
@@ -319,19 +375,48 @@ class Trainer:
         else:
             self.method.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+        if changes:  # load_state_dict restored the saved betas / eps / momentum: this run's settings win
+            for group, settings in zip(self.optimizer.param_groups, fresh, strict=True):
+                group.update(settings)
         rng = state["rng"]
         if len(rng) == self.world:
             set_rng_state(rng[self.rank])
-        self.last_good = str(path)
+        self.last_good, self.last_good_step = str(path), state["step"]
+        state["changes"] = changes
         return state
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self, resume: bool | str = False) -> TrainResult:
+    def fit(self, resume: bool | str = False, force: bool = False) -> TrainResult:
         """Train to ``total_steps`` (or until ``train.max_steps`` / ``train.max_minutes``).
 
         ``resume``: False (fresh run), True (continue from ``out_dir/last.pt``), ``"auto"`` (continue
-        if it exists), or the path of a checkpoint.
+        if it exists), or the path of a checkpoint. ``force``: a fresh run into a directory that
+        holds a run moves that run's files into ``out_dir/replaced-<time>/`` instead of refusing.
+        While it runs, ``out_dir`` is locked (:mod:`visrep.engine.rundir`) and SIGINT / SIGTERM stop
+        it at the end of the current step with a checkpoint (then ``KeyboardInterrupt`` /
+        ``SystemExit(128 + signal)``).
         """
+        resuming = resume not in (False, None) and (resume != "auto" or self.last_path.is_file())
+        lock, error = None, None
+        if D.is_main():
+            try:
+                lock = RunLock(self.out_dir).acquire()
+                claim_run_dir(self.out_dir, resuming=resuming, force=force)
+            except (RunDirectoryError, WriteError) as e:
+                error = (type(e).__name__, str(e))
+                if lock is not None:
+                    lock.release()
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise (RunDirectoryError if error[0] == "RunDirectoryError" else WriteError)(error[1])
+        try:
+            with _StopSignals() as signals:
+                return self._fit(resume, signals)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool | str, signals: _StopSignals) -> TrainResult:
         cfg, tc = self.cfg, self.cfg.train
         state = self._resume(resume)
         step = state["step"] if state else 0
@@ -341,40 +426,65 @@ class Trainer:
         budget = tc.max_minutes * 60.0 if tc.max_minutes else math.inf
 
         if D.is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out_dir / "config.yaml")
+            config_path = self.out_dir / "config.yaml"
+            try:
+                atomic_write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            except OSError as e:
+                raise WriteError(f"{os_cause(e)} while writing {config_path}; "
+                                 + ("the previous config.yaml is intact" if config_path.exists()
+                                    else "no config.yaml was written")
+                                 + (f", {self.last_good} is intact" if self.last_good else "")) from e
         logger = MetricLogger(self.out_dir, enabled=D.is_main(), progress=tc.progress and D.is_main(),
-                              total=stop_at, initial=step)
-        if state:
-            logger.truncate_after(step)
+                              total=stop_at, initial=step, purge_step=step + 1 if state else None)
         result = TrainResult(step=step, epoch=step // self.steps_per_epoch, total_steps=self.total_steps,
                              stopped_by="done", checkpoint=self.last_good, start_step=step)
         images_per_step = self.batch_size * self.world
+        pending: list[Tensor] = []   # loss terms of the steps since the last log, read at log steps
+        carried = 0                  # of which from before a resume (not this call's losses)
+        if state:
+            logger.truncate_after(step)
+            saved = state.get("log_pending") or {}
+            if saved.get("rows"):
+                pending = [torch.tensor(r, dtype=torch.float64) for r in saved["rows"]]
+                carried = len(pending)
+            if state["changes"]:
+                record = {"step": step, "event": "resume", "changes": state["changes"]}
+                logger.log(record)
+                logger.write(f"resumed at step {step} with changed settings: " + "; ".join(state["changes"]))
         self.method.train()
         batches = self.batches(step)
         t_start = time.perf_counter()
         t_log, step_log = t_start, step
-        pending: list[Tensor] = []   # loss terms of the steps since the last log, read at log steps
+        candidate: dict | None = None  # a checkpoint written at the end of a step, not yet last.pt
 
         def elapsed() -> float:
             return elapsed_before + time.perf_counter() - t_start
 
-        def over_budget() -> bool:  # rank 0 decides, all ranks stop
-            return D.is_main() and elapsed() >= budget
+        def should_stop() -> bool:  # rank 0 decides the budget, any rank a signal; all ranks stop
+            return signals.signum is not None or (D.is_main() and elapsed() >= budget)
+
+        def promote() -> None:  # this step's loss is finite: the state it started from is good
+            nonlocal candidate
+            if candidate is not None:
+                self._promote(candidate["step"])
+                candidate = None
 
         stop_requested = elapsed() >= budget
         try:
             while step < stop_at and not stop_requested:
                 info = self._step_info(step)
                 apply_schedules(self.optimizer, info.lr, info.wd, info.step)
-                names, vals, stop_requested = self._train_step(next(batches), info, self.optimizer, over_budget)
+                names, vals, stop_requested = self._train_step(next(batches), info, self.optimizer, should_stop,
+                                                               before_update=promote)
                 step += 1
                 pending.append(vals)
+                if self.world == 1 and signals.signum is not None:
+                    stop_requested = True
 
                 if (tc.log_every and step % tc.log_every == 0) or step == stop_at or stop_requested:
                     now = time.perf_counter()
                     rows = torch.stack(pending).tolist()
-                    result.losses.extend(r[names.index("loss")] for r in rows)
+                    result.losses.extend(r[names.index("loss")] for r in rows[carried:])
                     record = {"step": step, "epoch": info.epoch, "lr": info.lr, "wd": info.wd}
                     record.update({k: sum(r[i] for r in rows) / len(rows) for i, k in enumerate(names)})
                     if cfg.optim.clip_grad:
@@ -385,7 +495,7 @@ class Trainer:
                     history.append(record)
                     result.history.append(record)
                     del history[:-HISTORY_TAIL]
-                    t_log, step_log, pending = now, step, []
+                    t_log, step_log, pending, carried = now, step, [], 0
                     if self.refit_to_budget and budget < math.inf and not stop_requested:
                         new_total = refit_horizon(self.total_steps, step, result.start_step, now - t_start,
                                               budget - elapsed())
@@ -415,12 +525,21 @@ class Trainer:
                         history.append(record)
                         result.knn.append(record)
 
-                if tc.ckpt_every and step % tc.ckpt_every == 0 and step < stop_at:
-                    self._save(step, elapsed(), history)
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and step < stop_at and not stop_requested:
+                    # written now (the state after this step), made last.pt once the next step's loss is
+                    # finite: a NaN never leaves last.pt holding the update that produced it
+                    log_pending = {"names": names, "rows": torch.stack(pending).tolist() if pending else []}
+                    self._save(step, elapsed(), history, log_pending=log_pending, path=self.candidate_path)
+                    candidate = {"step": step}
         finally:
             logger.close()
+            if candidate is not None and D.is_main():  # never checked: a NaN, or an exception
+                with contextlib.suppress(OSError):
+                    os.unlink(self.candidate_path)
 
-        if stop_requested and step < stop_at:
+        if signals.signum is not None and step < stop_at:
+            result.stopped_by = signals.name
+        elif stop_requested and step < stop_at:
             result.stopped_by = "max_minutes"
         elif step < self.total_steps:
             result.stopped_by = "max_steps"
@@ -432,7 +551,69 @@ class Trainer:
         result.images_per_sec = images_per_step * (step - result.start_step) / max(run_time, 1e-9)
         result.elapsed = elapsed()
         result.calibration_seconds = self.calibration_seconds
+        skipped_summary(self.train_data, logger if D.is_main() else None)
+        if signals.signum is not None:
+            signals.exit(f"stopped by {signals.name} after step {step}; checkpoint: {self.last_good}; continue with "
+                         "--resume")
         return result
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag (the trainer saves at the end of the step and exits); a second
+    signal stops at once. Installed only in the main thread; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: the user insists
+            self.__exit__()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+        print(f"visrep: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def exit(self, message: str) -> None:
+        """Leave as the signal asked: ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``."""
+        print(f"visrep: {message}", file=sys.stderr, flush=True)
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        raise SystemExit(128 + self.signum)
+
+
+def skipped_summary(data, logger: MetricLogger | None) -> int:
+    """One line for the files the dataset skipped in this run, counted across DataLoader workers
+    (:func:`visrep.data.folders.skipped_images`); returns their number."""
+    from visrep.data.folders import UnreadableImageWarning, skipped_images
+
+    found = skipped_images(data)
+    if not found or logger is None:
+        return len(found)
+    root, paths = found.root, found.paths
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    message = f"{len(paths)} unreadable image(s) of {found.total} skipped in {root} during this run: {shown}"
+    warnings.warn(message, UnreadableImageWarning, stacklevel=3)
+    logger.write(message)
+    return len(paths)
 
 
 def _scaled_lr(oc, scale: float):
@@ -442,18 +623,19 @@ def _scaled_lr(oc, scale: float):
 
 
 def train(cfg, method: Method, train_data, *, eval_data=None, resume: bool | str = False,
-          total_steps: int | None = None, fit_schedule_to_budget: bool = False) -> TrainResult:
+          total_steps: int | None = None, fit_schedule_to_budget: bool = False, force: bool = False) -> TrainResult:
     """Train ``method`` on ``train_data`` as ``cfg`` says; see :class:`Trainer`.
 
     ``fit_schedule_to_budget=True`` (with ``train.max_minutes``) measures the step time first and
     sets the run length so that the cosine schedules end when the budget does
     (:meth:`Trainer.calibrate_total_steps`). On resume the checkpoint's run length is reused.
+    ``force``: start over in a directory that holds a run (its files move aside; :meth:`Trainer.fit`).
     """
     trainer = Trainer(cfg, method, train_data, eval_data=eval_data, total_steps=total_steps)
     resuming = resume not in (False, None) and (resume != "auto" or trainer.last_path.is_file())
     if fit_schedule_to_budget and total_steps is None and not resuming:
         trainer.calibrate_total_steps(cfg.train.max_minutes)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, force=force)
 
 
 __all__ = ["NonFiniteLossError", "ResumeError", "TrainResult", "Trainer", "config_differences", "train"]
