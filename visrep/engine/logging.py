@@ -112,7 +112,8 @@ class MetricLogger:
             except Exception as e:  # noqa: BLE001 -- TensorBoard is optional
                 self._tb_failed(e)
         if self._bar is not None:
-            post = {k: f"{record[k]:.4g}" for k in ("loss", "lr") if isinstance(record.get(k), float)}
+            post = {k: f"{record[k]:.4g}" for k in ("loss", "lr", "rank", "target_entropy")
+                    if isinstance(record.get(k), float)}  # the health signals that fit (visrep.engine.health)
             if "images_per_sec" in record:
                 post["img/s"] = f"{record['images_per_sec']:.0f}"
             self._bar.set_postfix(post, refresh=False)

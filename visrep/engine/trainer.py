@@ -55,6 +55,7 @@ from torch import Tensor
 
 from visrep import distributed as D
 from visrep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visrep.config import check_numbers
 from visrep.errors import RunDirectoryError, WriteError, os_cause
 from visrep.methods.base import Method, Step
 from visrep.optim.factory import apply_schedules, build_optimizer, resolve_optim_defaults
@@ -63,6 +64,7 @@ from visrep.utils import atomic_write_text
 
 from .batches import BatchSource
 from .budget import refit_horizon, steps_for_budget
+from .health import HealthMonitor, health_stats
 from .logging import MetricLogger
 from .online_knn import OnlineKNN
 from .resume import ResumeError, check_resumable, config_differences
@@ -97,6 +99,7 @@ class TrainResult:
     images_per_sec: float = 0.0            # global throughput of this call
     elapsed: float = 0.0                   # seconds of training, including before a resume
     calibration_seconds: float = 0.0       # timing the step before a time-budgeted run (not in elapsed)
+    health: str = ""                       # the collapse signals at the last log step (visrep.engine.health)
 
 
 class Trainer:
@@ -108,6 +111,7 @@ class Trainer:
 
     def __init__(self, cfg, method: Method, train_data, *, eval_data=None, total_steps: int | None = None):
         cfg = dataclasses.replace(cfg, optim=resolve_optim_defaults(cfg.optim))
+        check_numbers(cfg)  # (load_config did too) a Config built in code is checked here
         self.cfg, self.method, self.train_data, self.eval_data = cfg, method, train_data, eval_data
         tc = cfg.train
         self.out_dir = Path(tc.out_dir)
@@ -164,6 +168,7 @@ class Trainer:
         self.refit_to_budget = False   # set by calibrate_total_steps: re-fit the horizon during the run
         self.calibration_seconds = 0.0
         self.set_total_steps(total_steps)
+        self.health = HealthMonitor(self.total_steps)
 
     # -- run length ------------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int | None) -> None:
@@ -226,6 +231,19 @@ class Trainer:
         self.refit_to_budget = True
         self.set_total_steps(steps)
         return steps
+
+    # -- health ----------------------------------------------------------------------------------
+    def _health(self, step: int) -> dict[str, float]:
+        """The collapse signals of what the method's loss saw at this log step (one host read, here)."""
+        inputs = self.method.health_inputs()
+        if not inputs:
+            return {}
+        with torch.no_grad():
+            stats = health_stats(inputs)
+        values = dict(zip(stats, torch.stack(list(stats.values())).tolist())) if stats else {}
+        k = inputs["target_probs"].shape[-1] if "target_probs" in inputs else None
+        self.health.update(step, values, k)
+        return values
 
     # -- one step --------------------------------------------------------------------------------
     @property
@@ -491,6 +509,7 @@ class Trainer:
                         record["grad_norm"] = float(self.grad_norm)
                     record["images_per_sec"] = images_per_step * (step - step_log) / max(now - t_log, 1e-9)
                     record["elapsed"] = elapsed()
+                    record.update(self._health(step))
                     logger.log(record)
                     history.append(record)
                     result.history.append(record)
@@ -551,6 +570,9 @@ class Trainer:
         result.images_per_sec = images_per_step * (step - result.start_step) / max(run_time, 1e-9)
         result.elapsed = elapsed()
         result.calibration_seconds = self.calibration_seconds
+        result.health = self.health.summary()
+        if D.is_main() and tc.progress and self.health.last:
+            print(result.health, flush=True)
         skipped_summary(self.train_data, logger if D.is_main() else None)
         if signals.signum is not None:
             signals.exit(f"stopped by {signals.name} after step {step}; checkpoint: {self.last_good}; continue with "

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.losses.contrastive import clip_loss, siglip_loss
 from visrep.models.text import TextTransformer, Tokenizer
 from visrep.optim.groups import decay_groups
@@ -193,6 +194,15 @@ class _GlobalEmbedding(VisionLanguage):
 
     def embed_image(self, images: Tensor) -> Tensor:
         return F.normalize(self.pooled_features(self.visual(images)) @ self.image_projection, dim=-1)
+
+    def export_modules(self) -> dict[str, Export]:
+        """The vision tower also exports as a whole open_clip ``CLIP`` (towers, projection, logit scale / bias)."""
+        out = super().export_modules()
+        parts = {"text": "text", "image_projection": "image_projection", "logit_scale": "logit_scale"}
+        if "logit_bias" in self._parameters:
+            parts["logit_bias"] = "logit_bias"
+        out["visual"].metadata.update(declare(open_clip={"layout": "open_clip", "parts": parts}))
+        return out
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> dict[str, Tensor]:

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from visrep.data.transforms import batch_resize_center_crop
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.losses.precision import autocast_off
 from visrep.models.dit import DiT
 from visrep.optim.ema import ema_update_, make_target
@@ -426,7 +427,9 @@ class Diffusion(Method):
         return self.ema.pooled(x, t)
 
     def export_modules(self) -> dict[str, Export]:
-        return {name: Export(getattr(self, name), module_metadata(getattr(self, name))) for name in ("ema", "dit")}
+        # official: DiT's models.py keys are ours
+        return {name: Export(getattr(self, name), {**module_metadata(getattr(self, name)), **declare(official="dit")})
+                for name in ("ema", "dit")}
 
 
 def load_vae_config(path: str | Path) -> dict:

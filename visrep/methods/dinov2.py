@@ -30,6 +30,7 @@ from visrep.data.masks import IBOTMaskGenerator
 from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import CheckpointError, ConfigError
 from visrep.eval.features import linear_input
+from visrep.formats import declare
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
 from visrep.losses.precision import fp32_loss
 from visrep.models import vit_from_config
@@ -285,6 +286,7 @@ class DINOv2(Method):
                 weights = ibot_mask_weights(masks).to(s_patch.dtype)
                 losses["ibot_loss"] = ibot_loss(s_patch, p_patch, masks, m.student_temp, weights=weights)
                 total = total + m.ibot_loss_weight * losses["ibot_loss"]
+        self.record_health(embeddings=cls_g, target_probs=p_cls)
         return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
 
     def param_groups(self) -> list[dict]:
@@ -351,7 +353,14 @@ class DINOv2(Method):
 
     def export_modules(self) -> dict[str, Export]:
         mods = {"teacher_backbone": self.eval_module(), "student_backbone": self.student["backbone"]}
-        return {k: Export(v, module_metadata(v)) for k, v in mods.items()}
+        nets = {"teacher_backbone": ("teacher", self.teacher), "student_backbone": ("student", self.student)}
+
+        def formats(name: str) -> dict:  # official: dinov2's backbone; with heads teacher_checkpoint.pth's layout
+            role, net = nets[name]
+            parts = {h: f"{role}.{h}" for h in ("dino_head", "ibot_head") if h in net}
+            return declare(official={"layout": "dinov2", "parts": parts}, timm="vit")
+
+        return {k: Export(v, {**module_metadata(v), **formats(k)}) for k, v in mods.items()}
 
 
 def load_teacher(path: str, data_info: DataInfo) -> nn.ModuleDict:

@@ -26,6 +26,7 @@ from visrep.data.transforms import batch_resize_center_crop
 from visrep.errors import ConfigError
 from visrep.eval.finetune import AttentivePooler, train_classifier
 from visrep.eval.protocols import Protocol
+from visrep.formats import declare
 from visrep.losses import fp32_loss, jepa_loss, normalized_targets
 from visrep.models import Predictor, apply_masks, repeat_interleave_batch, vit_from_config
 from visrep.models.vit import redraw_linear_
@@ -209,8 +210,9 @@ class JEPA(Method):
             imgs = self.normalize(imgs)
         masks_enc = [m.to(device, non_blocking=True) for m in batch["masks_enc"]]
         masks_pred = [m.to(device, non_blocking=True) for m in batch["masks_pred"]]
-        loss, _, _ = ijepa_loss(self.encoder, self.target_encoder, self.predictor, imgs, masks_enc,
+        loss, z, h = ijepa_loss(self.encoder, self.target_encoder, self.predictor, imgs, masks_enc,
                                 masks_pred, self.cfg.loss, **self.loss_options(batch, imgs))
+        self.record_health(embeddings=z, target_repr=h)
         return {"loss": loss}
 
     def loss_options(self, batch: dict, imgs: Tensor) -> dict:
@@ -288,5 +290,8 @@ class JEPA(Method):
         return results
 
     def export_modules(self) -> dict[str, Export]:
-        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+        # the official I-JEPA / StoP layouts are ours; a conditioned (IWM) predictor has no official code
+        official = "vit" if self.predictor.arch.get("conditioning", "none") == "none" else None
+        return {name: Export(getattr(self, name), {**module_metadata(getattr(self, name)), **declare(
+                    official=official, timm="vit" if name != "predictor" else None)})
                 for name in ("target_encoder", "encoder", "predictor")}

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.losses.contrastive import llip_logits, llip_loss, per_token_projection, split_heads
 
 from .base import DataInfo
@@ -145,6 +146,12 @@ class Llip(VisionLanguage):
         tau = self.cfg.weight_scale if weight_scale is None else weight_scale
         return llip_logits(image["k"], text["q"], image["v"], text["zt"], self.mixer.out_proj, tau,
                            chunk=self.cfg.loss_chunk or 256)   # at most [N_img, 256, D] mixed at once
+
+    def export_modules(self) -> dict:
+        """The vision tower also exports as the official Llip ``CMP`` state dict (the whole model)."""
+        out = super().export_modules()
+        out["visual"].metadata.update(declare(official="cmp"))
+        return out
 
     def pooled_features(self, tokens: Tensor) -> Tensor:
         return tokens[:, :self.cfg.num_mixture_tokens].mean(dim=1)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.losses.precision import float32_loss
 from visrep.models import Predictor, apply_masks, vit_from_config
 from visrep.models.vit import attention_backend, block_tail, run_blocks
@@ -199,7 +200,9 @@ class MAE(Method):
         if images.dtype == torch.uint8:
             images = self.normalize(images)
         keep, masked = batch["keep"].to(device), batch["masked"].to(device)
-        pred = self.decode(self.encoder(images, idx_keep=keep), keep, masked)
+        latent = self.encoder(images, idx_keep=keep)
+        pred = self.decode(latent, keep, masked)
+        self.record_health(embeddings=latent[:, self.encoder.num_prefix:].mean(1))
         return {"loss": mae_loss(pred, self.targets(images, masked), self.cfg.norm_pix_loss)}
 
     def param_groups(self) -> list[dict]:
@@ -228,5 +231,8 @@ class MAE(Method):
         return unpatchify(out, p, c, h, w), unpatchify(flag.expand(-1, -1, p * p), p, 1, h, w)
 
     def export_modules(self) -> dict[str, Export]:
-        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+        # official: models_mae.py's MaskedAutoencoderViT (encoder + decoder, needs the [CLS] token)
+        official = {"layout": "mae", "parts": {"decoder": "decoder"}} if self.encoder.arch["class_token"] else None
+        formats = {"encoder": declare(official=official, timm="vit"), "decoder": {}}
+        return {name: Export(getattr(self, name), {**module_metadata(getattr(self, name)), **formats[name]})
                 for name in ("encoder", "decoder")}

@@ -27,6 +27,7 @@ from visrep import distributed as D
 from visrep.data.crops import CropSpec, take_crops
 from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.losses import fp32_loss, msn_loss, power_law_prior
 from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import ProjectionHead
@@ -181,6 +182,7 @@ class MSN(Method):
                            entropy_weight=m.entropy_weight, use_sinkhorn=m.use_sinkhorn,
                            sinkhorn_iters=m.sinkhorn_iters, prior=self.prior, kl_direction=m.kl_direction,
                            sinkhorn_prior=m.sinkhorn_follows_prior)
+        self.record_health(embeddings=z, target_probs=out["targets"])
         return {k: out[k] for k in ("loss", "ce", "me_max", "entropy", "np", "max_t", "min_t")}
 
     def before_optimizer_step(self, step: Step) -> None:
@@ -225,5 +227,9 @@ class MSN(Method):
         return cls
 
     def export_modules(self) -> dict[str, Export]:
-        return {name: Export(getattr(self, name), module_metadata(getattr(self, name)))
+        # official: src/deit.py keys; with heads, the checkpoint entry with the head as ``fc`` + prototypes
+        heads = {"target_encoder": "target_head", "encoder": "head"}
+        return {name: Export(getattr(self, name), {**module_metadata(getattr(self, name)), **declare(
+                    official={"layout": "msn", "entry": name,
+                              "parts": {"head": heads[name], "prototypes": "prototypes"}}, timm="vit")})
                 for name in ("target_encoder", "encoder")}

@@ -25,6 +25,7 @@ from visrep.data.crops import CropSpec, take_crops
 from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import ConfigError
 from visrep.eval.protocols import Protocol
+from visrep.formats import declare
 from visrep.losses import fp32_loss, paws_loss, smoothed_one_hot, snn
 from visrep.models import encode_views, vit_from_config
 from visrep.models.projection import PredictionHead, ProjectionHead
@@ -168,6 +169,7 @@ class PAWS(Method):
             out = paws_loss(z[n_sup:], z[:n_sup], labels, target_views, h[:n_sup].detach(), labels,
                             tau=m.temperature, T=m.sharpen, multicrop=m.multicrop if "small" in batch else 0,
                             me_max_weight=1.0 if m.me_max else 0.0, threshold=m.threshold)
+        self.record_health(embeddings=z[n_sup:], target_probs=out["targets"])
         return {k: out[k] for k in ("loss", "ce", "me_max")}
 
     def before_optimizer_step(self, step: Step) -> None:
@@ -234,4 +236,6 @@ class PAWS(Method):
         return self.encoder
 
     def export_modules(self) -> dict[str, Export]:
-        return {"encoder": Export(self.encoder, module_metadata(self.encoder))}
+        vit = type(self.encoder).__name__ == "VisionTransformer"
+        formats = declare(timm="vit" if vit else None)
+        return {"encoder": Export(self.encoder, {**module_metadata(self.encoder), **formats})}

@@ -24,10 +24,11 @@ from torch import Tensor, nn
 
 from visrep.data.crops import CropSpec, take_crops
 from visrep.errors import ConfigError
+from visrep.formats import declare
 from visrep.models import vit_from_config
 from visrep.optim.groups import decay_groups
 
-from .base import DataInfo, Method, Step, StreamSpec, check_vit_config
+from .base import DataInfo, Export, Method, Step, StreamSpec, check_vit_config, module_metadata
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Supervised(Method):
             images = self.normalize(images)
         targets = batch["target"].to(device, non_blocking=True)
         logits = self.logits(images)
+        self.record_health(embeddings=logits)
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # float32 at least
         loss = torch.sum(-targets.to(logp.dtype) * logp, dim=-1).mean()
         with torch.no_grad():
@@ -149,6 +151,10 @@ class Supervised(Method):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         return self.pooled(self.normalize(images))
+
+    def export_modules(self) -> dict[str, Export]:
+        enc = self.eval_module()
+        return {"encoder": Export(enc, {**module_metadata(enc), **declare(timm="vit")})}
 
     @torch.no_grad()
     def classify(self, images: Tensor) -> Tensor:
