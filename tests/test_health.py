@@ -123,3 +123,16 @@ def test_jepa_family_collapsed_predictions_warn_and_healthy_ones_do_not(tmp_path
     assert len(collapse) == 1 and "low_rank" in collapse[0] and result.history[-1]["rank"] < 1.5
     result, collapse = _run("ijepa", tmp_path / "live")
     assert collapse == [] and result.history[-1]["rank"] > 2 and result.history[-1]["target_std"] > 0
+
+
+@pytest.mark.requires("matplotlib")
+def test_a_run_ends_with_a_plot_of_its_losses_lr_and_health(tmp_path):
+    from visrep.engine.plots import read_metrics
+
+    result, _ = _run("msn", tmp_path / "plot")
+    png = tmp_path / "plot" / "msn" / "train.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_metrics(tmp_path / "plot" / "msn" / "metrics.jsonl")
+    assert len(rows) == 8 and {"loss", "me_max", "lr", "rank", "target_entropy"} <= set(rows[-1])
+    _, _ = _run("msn", tmp_path / "noplot", "train.plot=false")
+    assert not (tmp_path / "noplot" / "msn" / "train.png").exists()

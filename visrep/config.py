@@ -109,6 +109,7 @@ class TrainConfig:
     online_knn_samples: int = 5000
     threads: int | None = None    # torch.set_num_threads
     progress: bool = True
+    plot: bool = True                # train.png (loss terms, lr, health) in out_dir at the end (with matplotlib)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP (replicated) or FSDP2 (fully_shard:
                                      # each trained transformer block a unit, then the method; EMA teachers
                                      # replicated; checkpoints in DDP's format); see visrep/engine/fsdp.py
@@ -309,6 +310,54 @@ def _migrate(tree: dict) -> dict:
     return tree
 
 
+# ------------------------------------------------------------------------------------------------
+# Numeric bounds: checked when the config is built, before any data is read. key -> (low, high,
+# which ends are open); a null value passes when the type allows null; a list checks each element.
+_GE0, _GE1, _GT0 = (0, None, ""), (1, None, ""), (0, None, "low")
+_UNIT, _UNIT_OPEN = (0, 1, ""), (0, 1, "high")
+NUMERIC_BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
+    "data.image_size": _GE1, "data.num_workers": _GE0, "data.train_subset": _GE1, "data.long_tail_ratio": (1, None, ""),
+    "model.patch_size": _GE1, "model.embed_dim": _GE1, "model.depth": _GE1, "model.num_heads": _GE1,
+    "model.mlp_ratio": _GT0, "model.num_registers": _GE0, "model.drop_path_rate": _UNIT_OPEN,
+    "model.init_values": _GT0,
+    "optim.lr": _GE0, "optim.start_lr": _GE0, "optim.final_lr": _GE0, "optim.warmup_epochs": _GE0,
+    "optim.weight_decay": _GE0, "optim.final_weight_decay": _GE0, "optim.betas": _UNIT_OPEN, "optim.momentum": _UNIT,
+    "optim.lars_eta": _GT0, "optim.eps": _GT0, "optim.ipe_scale": _GT0, "optim.schedule_offset": _GE0,
+    "optim.clip_grad": _GE0, "optim.lr_batch_ref": _GE1, "optim.topc": _GE1, "optim.decay": _UNIT,
+    "optim.kappa": _GE0,
+    "train.epochs": _GE1, "train.batch_size": _GE1, "train.max_minutes": _GT0, "train.max_steps": _GE1,
+    "train.ckpt_every": _GE0, "train.log_every": _GE0, "train.online_knn_samples": _GE1, "train.threads": _GE1,
+    "eval.batch_size": _GE1, "eval.knn_k": _GE1, "eval.knn_temperature": _GT0, "eval.linear_epochs": _GE1,
+    "eval.probe_blocks": _GE1, "eval.lowshot_shots": _GE1, "eval.lowshot_fraction": (0, 1, "low"),
+    "eval.lowshot_seeds": _GE1, "eval.finetune_epochs": _GE1, "eval.finetune_samples": _GE1, "eval.finetune_lr": _GT0,
+    "eval.finetune_layer_decay": (0, 1, "low"), "eval.retrieval_samples": _GE1, "eval.fid_samples": _GE1,
+}
+
+
+def _allowed(low, high, open_: str) -> str:
+    lo = None if low is None else (f"> {low}" if "low" in open_ else f">= {low}")
+    hi = None if high is None else (f"< {high}" if "high" in open_ else f"<= {high}")
+    return " and ".join(x for x in (lo, hi) if x)
+
+
+def check_numbers(cfg: Config, bounds: dict | None = None) -> None:
+    """Raise :class:`ConfigError` for the first value outside :data:`NUMERIC_BOUNDS` (key, value, what is
+    allowed); ``train.max_steps`` / ``train.max_minutes`` that would train nothing included."""
+    for key, (low, high, open_) in (bounds or NUMERIC_BOUNDS).items():
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name, None)
+        for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            bad = (v != v or (low is not None and (v <= low if "low" in open_ else v < low))
+                   or (high is not None and (v >= high if "high" in open_ else v > high)))
+            if bad:
+                where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
+                hint = ("; a run must train at least one step" if key in ("train.max_steps", "train.max_minutes",
+                                                                          "train.epochs") else "")
+                raise ConfigError(f"{where}: {v!r} is not allowed; it must be {_allowed(low, high, open_)}{hint}")
+
+
 def build_config(tree: dict) -> Config:
     tree = _migrate(dict(tree))
     sections = {f.name for f in dataclasses.fields(Config)}
@@ -328,6 +377,7 @@ def build_config(tree: dict) -> Config:
 
     kwargs["optim"] = resolve_optim_defaults(kwargs["optim"])
     cfg = Config(**kwargs)
+    check_numbers(cfg)  # before any data is read
     METHODS[name].method_class().validate(cfg)  # reject a bad config before any data is read
     return cfg
 

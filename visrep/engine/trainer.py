@@ -67,6 +67,7 @@ from .budget import refit_horizon, steps_for_budget
 from .health import HealthMonitor, health_stats
 from .logging import MetricLogger
 from .online_knn import OnlineKNN
+from .plots import plot_run
 from .resume import ResumeError, check_resumable, config_differences
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunLock, claim_run_dir
@@ -571,8 +572,11 @@ class Trainer:
         result.elapsed = elapsed()
         result.calibration_seconds = self.calibration_seconds
         result.health = self.health.summary()
-        if D.is_main() and tc.progress and self.health.last:
-            print(result.health, flush=True)
+        if D.is_main():
+            if tc.progress and self.health.last:
+                print(result.health, flush=True)
+            if tc.plot:
+                plot_run(self.out_dir)
         skipped_summary(self.train_data, logger if D.is_main() else None)
         if signals.signum is not None:
             signals.exit(f"stopped by {signals.name} after step {step}; checkpoint: {self.last_good}; continue with "
