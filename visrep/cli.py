@@ -21,7 +21,7 @@ def cmd_pretrain(args) -> int:
     from visrep.runner import pretrain
 
     cfg = load_config(resolve_config(args.config), args.overrides)
-    pretrain(cfg, resume=args.resume)
+    pretrain(cfg, resume=args.resume, force=args.force)
     return 0
 
 
@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from visrep.runner import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, which=args.which)
+    path = export_checkpoint(args.checkpoint, args.out, which=args.which, fmt=args.format, heads=args.heads)
     print(f"wrote {path}")
     return 0
 
@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a method from a YAML config")
     p.add_argument("config", help="YAML path or packaged config name (<method>/<recipe>, see visrep/configs)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4 train.epochs=20")
-    p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt exactly")
+    p.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/last.pt exactly (optim.lr "
+                   "and the other optimisation settings may change: visrep/engine/resume.py)")
+    p.add_argument("--force", action="store_true", help="start over in a train.out_dir that holds a run: its "
+                   "last.pt, config.yaml, metrics.jsonl and tb/ move into <out_dir>/replaced-<time>/")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate checkpoints with frozen-feature protocols")
@@ -111,10 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an encoder as safetensors (official key names)")
     p.add_argument("checkpoint")
-    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("out", help="output path: a .safetensors file (visrep), a .pth / .safetensors file (official), "
+                                "a folder (timm, open_clip)")
     p.add_argument("--which", default=None,
                    help="module to export (default: the first of the method's export_modules(); an unknown "
                         "name lists the others)")
+    p.add_argument("--format", default="visrep", choices=["visrep", "official", "timm", "open_clip"],
+                   help="layout: visrep (ours, rebuilt by visrep.hub.load_exported), official (the method's "
+                        "official code), timm (timm.create_model('local-dir:OUT')), open_clip "
+                        "(open_clip.create_model_and_transforms('local-dir:OUT')); a method lacking one names its own")
+    p.add_argument("--heads", action="store_true",
+                   help="official layout with the heads / prototypes (MSN: projection head + prototypes; "
+                        "DINOv2: dino_head / ibot_head in teacher_checkpoint.pth's layout)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples of a generative checkpoint (diffusion)")
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from visrep.engine import CheckpointError, NonFiniteLossError, ResumeError
+    from visrep.errors import RunDirectoryError, WriteError
 
     args = build_parser().parse_args(argv)
     try:
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"visrep: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, ResumeError, NonFiniteLossError) as e:
+    except (CheckpointError, ResumeError, NonFiniteLossError, RunDirectoryError, WriteError) as e:
         print(f"visrep: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from .utils import atomic_path
 
 __all__ = ["load_official", "load_exported", "vit_from_state_dict", "ijepa_vit", "dinov2_vit", "ijepa_predictor",
            "export_safetensors", "strip_prefixes", "HEADS_BY_DIM", "REBUILDABLE", "clip_vit", "clip_vision_state",
-           "clip_text_state", "llip_state", "open_clip_towers"]
+           "clip_text_state", "llip_state", "open_clip_towers", "load_format", "dit_from_state_dict"]
 
 # classes an export can name in its metadata ("class"), rebuilt from the recorded ``arch``
 REBUILDABLE: dict[str, type[nn.Module]] = {"VisionTransformer": VisionTransformer, "Predictor": Predictor,
@@ -246,6 +246,109 @@ def load_official(path: str | os.PathLike, which: str = "target_encoder", num_he
         model.load_state_dict(state)
         return model
     return vit_from_state_dict(state, num_heads=num_heads, **overrides)
+
+
+def dit_from_state_dict(state: dict[str, Tensor], num_heads: int | None = None) -> DiT:
+    """Our :class:`DiT` from an official DiT ``models.py`` state dict (the same keys; without label
+    dropout the official table has no null-class row: ours gets a zero row, unused then)."""
+    w = state["x_embedder.proj.weight"]
+    dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
+    table = state["y_embedder.embedding_table.weight"]
+    out_c = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    model = DiT(img_size=int(round(state["pos_embed"].shape[1] ** 0.5)) * patch, patch_size=patch, in_chans=in_chans,
+                embed_dim=dim, depth=_depth(state, "blocks."), num_heads=num_heads or HEADS_BY_DIM.get(dim, dim // 64),
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim, num_classes=table.shape[0] - 1,
+                learn_sigma=out_c == 2 * in_chans, frequency_dim=state["t_embedder.mlp.0.weight"].shape[1]).to(w.dtype)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_format(path: str | os.PathLike, which: str = "target_encoder", num_heads: int | None = None) -> Any:
+    """Load weights written in any layout :mod:`visrep.formats` writes into our modules: a timm folder
+    (``config.json``) -> our ViT; an open_clip folder (``open_clip_config.json``) -> ``(vision tower,
+    projection, text tower)`` (:func:`open_clip_towers`); a ``visrep export`` file -> :func:`load_exported`;
+    any official checkpoint (I-JEPA, StoP, MSN with or without head, DINOv2, MAE -> its encoder, DiT,
+    Llip CMP -> its vision tower) -> :func:`load_official`."""
+    from safetensors.torch import load_file
+
+    from .formats import _swiglu, dinov2_from_ours, ours_from_mae, ours_from_timm
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():            # timm
+        cfg = json.loads((path / "config.json").read_text())
+        args = cfg.get("model_args", {})
+        state, over = ours_from_timm(load_file(str(path / "model.safetensors")), args)
+        if _swiglu(state):  # timm's packed SwiGLU (DINOv2 giant): fc1 = w12
+            state = dinov2_from_ours(state)
+        over.pop("pos_embed", None)
+        return vit_from_state_dict(state, num_heads=num_heads or args.get("num_heads"), img_size=args.get("img_size"),
+                                   **over)
+    if path.is_dir() and (path / "open_clip_config.json").is_file():  # open_clip
+        cfg = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]
+        v, t = cfg["vision_cfg"], cfg["text_cfg"]
+        weights = next(p for p in (path / "open_clip_model.safetensors", path / "open_clip_pytorch_model.bin")
+                       if p.is_file())
+        state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+        return open_clip_towers(state, vision_head_width=v.get("head_width", 64),
+                                text_head_width=t["width"] // t.get("heads", 8),
+                                act_layer="quick_gelu" if cfg.get("quick_gelu") else "gelu")
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} holds neither a timm config.json nor an open_clip_config.json")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("class") in REBUILDABLE:
+                return load_exported(path)
+        ckpt: Any = load_file(str(path))
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    flat = strip_prefixes(_dinov2_backbone(_unflatten_entry(ckpt, which), which))
+    if "x_embedder.proj.weight" in flat:
+        return dit_from_state_dict(flat, num_heads)
+    if "visual.conv1.weight" in flat:                                    # Llip CMP / CLIP: the vision tower
+        vstate, _ = clip_vision_state({k[len("visual."):]: v for k, v in flat.items() if k.startswith("visual.")})
+        w = vstate["patch_embed.proj.weight"]
+        k_tok = vstate["register_tokens"].shape[1] if "register_tokens" in vstate else 0
+        n = vstate["pos_embed"].shape[1] - (k_tok or 1)
+        vit = clip_vit(official_init=False, img_size=int(round(n ** 0.5)) * w.shape[-1], patch_size=w.shape[-1],
+                       in_chans=w.shape[1], embed_dim=w.shape[0], depth=_depth(vstate, "blocks."),
+                       num_heads=num_heads or w.shape[0] // 64,
+                       mlp_ratio=vstate["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+                       class_token="cls_token" in vstate, num_registers=k_tok).to(w.dtype)
+        vit.load_state_dict(vstate, strict=True)
+        return vit
+    if "decoder_embed.weight" in flat:                                  # MAE: the encoder
+        flat, _ = ours_from_mae(flat)
+    flat = {k: v for k, v in flat.items() if not k.startswith("fc.") and k != "prototypes"}  # MSN's head
+    return load_official_state(flat, which=which, num_heads=num_heads)
+
+
+def _unflatten_entry(ckpt: dict, which: str) -> dict:
+    """The entry ``which`` of a checkpoint (nested, or flattened with ``.`` in safetensors)."""
+    if which in ckpt and isinstance(ckpt[which], dict):
+        return ckpt[which]
+    for entry in (which, "model", "teacher"):
+        sub = {k[len(entry) + 1:]: v for k, v in ckpt.items() if k.startswith(entry + ".")}
+        if sub:
+            return sub
+        if entry in ckpt and isinstance(ckpt[entry], dict):
+            return ckpt[entry]
+    return ckpt
+
+
+def load_official_state(state: dict[str, Tensor], which: str = "target_encoder",
+                        num_heads: int | None = None) -> nn.Module:
+    """:func:`load_official` on a state dict already in memory (prefixes, DINOv2 heads handled)."""
+    state = strip_prefixes(_dinov2_backbone(state, which))
+    if which == "predictor" or "predictor_embed.weight" in state:
+        emb = state["predictor_embed.weight"]
+        model = Predictor(num_patches=state["predictor_pos_embed"].shape[1], embed_dim=emb.shape[1],
+                          predictor_embed_dim=emb.shape[0], depth=_depth(state, "predictor_blocks."),
+                          num_heads=num_heads or HEADS_BY_DIM.get(emb.shape[1])).to(emb.dtype)
+        model.load_state_dict(state)
+        return model
+    return vit_from_state_dict(state, num_heads=num_heads)
 
 
 def export_safetensors(module: nn.Module | dict[str, Tensor], path: str | os.PathLike,

@@ -16,6 +16,7 @@ from visrep.config import DEMO_RECIPE, Config, build_config, load_config, resolv
 from visrep.data import in_memory
 from visrep.data.splits import eval_images, in_memory_split, load_split, uint8_eval_transform
 from visrep.data.transforms import dataset_stats
+from visrep.errors import WriteError, os_cause
 from visrep.eval import protocols as P
 from visrep.methods import METHODS, DataInfo, Method, build_method
 
@@ -32,11 +33,20 @@ def data_info(cfg: Config, ds) -> DataInfo:
 
 
 # -- pretrain ----------------------------------------------------------------------------------------
-def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bool = False):
-    """Pretrain ``cfg.method`` on ``cfg.data``; returns (method, TrainResult)."""
+def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bool = False, force: bool = False):
+    """Pretrain ``cfg.method`` on ``cfg.data``; returns (method, TrainResult). ``force``: start over in a
+    ``train.out_dir`` that holds a run (its files move aside, :mod:`visrep.engine.rundir`)."""
     from visrep.engine import train
+    from visrep.engine.rundir import existing_run
+    from visrep.errors import RunDirectoryError
 
     METHODS[cfg.method.name].method_class().validate(cfg)  # (load_config did too) before any data is read
+    resuming = resume not in (False, None) and (resume != "auto" or (Path(cfg.train.out_dir) / "last.pt").is_file())
+    present = existing_run(cfg.train.out_dir)
+    if present and not resuming and not force:  # (the trainer decides, under the run's lock) say it before the data
+        raise RunDirectoryError(f"{cfg.train.out_dir} already holds a run ({', '.join(present)}); continue it with "
+                                "--resume, start over with --force (moves those files into "
+                                f"{cfg.train.out_dir}/replaced-<time>/), or choose another train.out_dir")
     train_ds = load_split(cfg, "train")
     eval_ds = None
     if cfg.train.online_knn:
@@ -50,7 +60,7 @@ def pretrain(cfg: Config, resume: bool | str = False, fit_schedule_to_budget: bo
         declares_views = any(spec.crops for spec in method.streams().values())  # workers (StreamSpec.crops)
         train_ds.transform = None if declares_views else uint8_eval_transform(cfg.data.image_size)
     result = train(cfg, method, train_ds, eval_data=eval_ds, resume=resume,
-                   fit_schedule_to_budget=fit_schedule_to_budget)
+                   fit_schedule_to_budget=fit_schedule_to_budget, force=force)
     return method, result
 
 
@@ -58,8 +68,17 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Confi
     """Rebuild the method saved in a training checkpoint, weights loaded."""
     from visrep.checkpoint import CheckpointError, load_checkpoint
     from visrep.config import _set_dotted, parse_overrides
+    from visrep.engine.trainer import CKPT_FORMAT
 
     state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict) or "model" not in state:
+        keys = ", ".join(map(str, list(state)[:6])) + (", ..." if len(state) > 6 else "")
+        raise CheckpointError(f"{path} is not a visrep training checkpoint (no config / model; its keys: {keys}); "
+                              "official or bare weights load with visrep.hub.load_official")
+    fmt = state.get("format")
+    if not isinstance(fmt, int) or not 1 <= fmt <= CKPT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not one this visrep reads (1..{CKPT_FORMAT}); "
+                              "it was written by another (newer?) version")
     tree = copy.deepcopy(state["config"])
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
@@ -68,7 +87,18 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Confi
         raise CheckpointError(f"{path} was written by an older visrep (no data_info); retrain or load its "
                               "weights with visrep.hub.load_official")
     method = build_method(cfg, DataInfo.from_dict(state["data_info"]))
-    method.load_state_dict(state["model"])
+    try:
+        missing, unexpected = method.load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:  # shapes
+        raise CheckpointError(f"{path}: its weights do not fit the {cfg.method.name} model its config describes "
+                              f"({' '.join(str(e).split())[:400]})") from e
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        raise CheckpointError(f"{path}: its weights do not fit the {cfg.method.name} model its config describes: "
+                              + "; ".join(f"{n} {what} ({few(k)})" for what, k, n in
+                                          (("missing", missing, len(missing)), ("unexpected", unexpected,
+                                                                                len(unexpected))) if k))
     return cfg, method.eval(), state
 
 
@@ -175,17 +205,38 @@ def known_protocols() -> dict[str, str]:
     return out
 
 
-def export_checkpoint(path: str, out: str, which: str | None = None) -> Path:
+def export_checkpoint(path: str, out: str, which: str | None = None, fmt: str = "visrep",
+                      heads: bool = False) -> Path:
     """Write one of the method's exportable modules (``Method.export_modules``; default: the first)
-    as safetensors with official key names and the metadata to rebuild it (``hub.load_exported``)."""
-    from visrep.hub import export_safetensors
-
+    as safetensors with the metadata to rebuild it (``hub.load_exported``), or in another code's layout
+    (``fmt``: official / timm / open_clip, :mod:`visrep.formats`; ``heads``: an official layout's heads).
+    A failed write raises :class:`~visrep.errors.WriteError` (path, cause, what is intact)."""
     cfg, method, state = load_trained(path)
     modules = method.export_modules()
     which = which or next(iter(modules))
     if which not in modules:
         raise ValueError(f"{which!r} is not an exportable module of {cfg.method.name}; choose one of {list(modules)}")
     export = modules[which]
+    out_path = Path(out)
+    if fmt == "visrep" and out_path.is_dir():
+        raise WriteError(f"{out} is a folder; give the file to write, e.g. {out_path / 'encoder.safetensors'}")
+    existed = out_path.exists()
+    try:
+        return _export(export, cfg, method, state, which, out, fmt, heads)
+    except OSError as e:
+        raise WriteError(f"{os_cause(e)} while writing {out}; "
+                         + ("the file already there is intact" if fmt == "visrep" and existed
+                            else "nothing was written" if fmt == "visrep" else "the export may be incomplete")) from e
+
+
+def _export(export, cfg, method, state, which, out, fmt, heads) -> Path:
+    from visrep.formats import export_format
+    from visrep.hub import export_safetensors
+
+    if fmt != "visrep":
+        info = method.data_info
+        return export_format(export.module, export.metadata, fmt, out, method=method, heads=heads,
+                             preprocess={"mean": info.mean, "std": info.std}, what=f"{cfg.method.name}'s {which}")
     meta = {"method": cfg.method.name, "module": which, "step": state["step"], "image_size": cfg.data.image_size,
             "data_info": method.data_info.to_dict(), **export.metadata}
     return export_safetensors(export.module, out, metadata=meta)
@@ -245,7 +296,7 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
     cfg = load_config(recipe, ov)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    method, result = pretrain(cfg, resume=False, fit_schedule_to_budget=True)
+    method, result = pretrain(cfg, resume=False, fit_schedule_to_budget=True, force=True)  # a rerun starts over
     train_minutes = (time.time() - t0) / 60
     method.eval()
     random_init = method.random_init_baseline()
@@ -264,5 +315,5 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
         cfg, out_dir, title=f"visrep demo: {cfg.method.name} on {cfg.data.name}", notes=notes)
     (Path(out_dir) / "train_result.json").write_text(json.dumps(
         {"step": result.step, "stopped_by": result.stopped_by, "images_per_sec": result.images_per_sec,
-         "train_minutes": train_minutes}, indent=2))
+         "train_minutes": train_minutes, "health": result.health}, indent=2))
     return results

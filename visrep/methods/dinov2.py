@@ -88,7 +88,8 @@ class DINOv2Config:
     patch_embed_lr_mult: float = 0.2
     clip_grad: float | None = 3.0           # per student module (backbone, heads), as the official code
     drop_path_uniform: bool = True
-    drop_path_mode: Literal["batch_subset", "per_sample"] = "batch_subset"  # official: batch subset if rate > 0.1
+    drop_path_mode: Literal["batch_subset", "per_sample"] = "batch_subset"  # official training (crop lists,
+    # NestedTensorBlock.forward_nested): the batch subset for any rate above 0
     # distillation
     teacher_checkpoint: str | None = None   # a visrep DINOv2 checkpoint: frozen teacher, EMA student evaluated
 
