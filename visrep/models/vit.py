@@ -192,7 +192,8 @@ def _add_subset_residual(x: Tensor, branch, p: float) -> Tensor:
 class SubsetDropPathBlock(Block):
     """timm's ``Block`` (same keys) whose stochastic depth, in training, runs each residual branch on a
     random subset of the batch instead of zeroing per sample (``drop_path_mode="batch_subset"``: the
-    official DINOv2 block, for rates above 0.1, fewer FLOPs); in eval it is the plain block."""
+    official DINOv2 block on its training path, ``forward_nested`` over the crop lists, for any rate above
+    0; its single-tensor ``forward`` uses the subset only above 0.1); in eval it is the plain block."""
 
     def __init__(self, *args, drop_path: float = 0.0, **kwargs):
         super().__init__(*args, drop_path=0.0, **kwargs)
@@ -339,8 +340,8 @@ class VisionTransformer(nn.Module):
         if drop_path_mode not in ("per_sample", "batch_subset"):
             raise ValueError(f"drop_path_mode must be 'per_sample' or 'batch_subset', got {drop_path_mode!r}")
 
-        def block_class(rate: float) -> type[Block]:  # DINOv2: the batch subset only above 0.1
-            return SubsetDropPathBlock if drop_path_mode == "batch_subset" and rate > 0.1 else Block
+        def block_class(rate: float) -> type[Block]:  # DINOv2's training path (lists): any rate above 0
+            return SubsetDropPathBlock if drop_path_mode == "batch_subset" and rate > 0 else Block
 
         self.blocks = nn.ModuleList(
             block_class(dpr[i])(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
