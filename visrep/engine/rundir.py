@@ -7,7 +7,8 @@
   host: stale). A lock recorded by another host is never taken over. Only rank 0 holds it.
 * :func:`claim_run_dir`: a fresh run into a directory that holds a run (``last.pt``,
   ``config.yaml``, ``metrics.jsonl``, ``tb/``) is refused unless resumed or forced (``force``
-  moves those files into ``out_dir/replaced-<time>/``: nothing is deleted); temporary files left by
+  moves everything in it but earlier ``replaced-*`` folders into ``out_dir/replaced-<time>/``:
+  nothing is deleted); temporary files left by
   a write that was killed (``.last.pt.*.tmp``) are removed.
 """
 from __future__ import annotations
@@ -164,8 +165,9 @@ def remove_orphans(out_dir: str | os.PathLike) -> list[str]:
 
 def claim_run_dir(out_dir: str | os.PathLike, *, resuming: bool, force: bool) -> Path | None:
     """Check that a run may start in ``out_dir`` (the caller holds its lock). A fresh run into a
-    directory that holds a run raises :class:`RunDirectoryError`, unless ``force``: then the run's
-    files move into ``out_dir/replaced-<time>/``, whose path is returned."""
+    directory that holds a run raises :class:`RunDirectoryError`, unless ``force``: then everything
+    in ``out_dir`` (but the lock and earlier ``replaced-*`` folders) moves into
+    ``out_dir/replaced-<time>/``, whose path is returned."""
     out_dir = Path(out_dir)
     remove_orphans(out_dir)
     present = existing_run(out_dir)
@@ -176,6 +178,7 @@ def claim_run_dir(out_dir: str | os.PathLike, *, resuming: bool, force: bool) ->
             f"{out_dir} already holds a run ({', '.join(present)}); continue it with --resume "
             "(train(..., resume=True)), start over with --force (moves those files into "
             f"{out_dir}/replaced-<time>/), or choose another train.out_dir")
+    present = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME and not p.name.startswith("replaced-"))
     aside = out_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
     n = 1
     while aside.exists():
