@@ -46,15 +46,17 @@ class CropViews:
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         image = torch.as_tensor(image)
         H, W = image.shape[-2:]
+        if image.dim() == 3:  # channels-last: torch's vectorised uint8 antialiased resize (the same pixels)
+            image = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         out = {}
         for name, s in self.specs.items():
             boxes = sample_rrc_boxes(s.count, H, W, s.scale, s.ratio, generator).tolist()
             flips = (torch.rand(s.count, generator=generator) < 0.5).tolist() if s.hflip else [False] * s.count
-            views = []
-            for (x1, y1, x2, y2), flip in zip(boxes, flips):
+            views = torch.empty(s.count, *image.shape[-3:-2], s.size, s.size, dtype=image.dtype)
+            for j, ((x1, y1, x2, y2), flip) in enumerate(zip(boxes, flips)):
                 v = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [s.size, s.size], antialias=True)
-                views.append(v.flip(-1) if flip else v)
-            out[name] = torch.stack(views)
+                views[j] = v.flip(-1) if flip else v
+            out[name] = views
         return out
 
     def __repr__(self) -> str:

@@ -130,7 +130,7 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
     wr, wg, wb = LUMA_WEIGHTS
-    return x[:, 0:1] * wr + x[:, 1:2] * wg + x[:, 2:3] * wb
+    return torch.mul(x[:, 0:1], wr).add_(x[:, 1:2], alpha=wg).add_(x[:, 2:3], alpha=wb)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -200,20 +200,27 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     """Gaussian blur of sample ``i`` with ``sigma[i]`` (0: unchanged) and one odd ``kernel_size``
     for the batch: torchvision's truncated, normalised kernel and reflect padding, applied as two
     depthwise 1-D convolutions with per-sample kernels."""
-    B, C, H, W = x.shape
+    B = x.shape[0]
     if B == 0 or kernel_size <= 1:
         return x
     sig = _per_sample(sigma, x).view(B, 1)
     blur = sig > 0
+    y = _blur(x, torch.where(blur, sig, torch.ones_like(sig)).view(B), kernel_size)
+    return torch.where(blur.view(B, 1, 1, 1), y, x)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """:func:`gaussian_blur` of every sample (``sigma > 0``)."""
+    B, C, H, W = x.shape
+    sig = _per_sample(sigma, x).view(B, 1)
     r = kernel_size // 2
     pos = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device).view(1, -1)
-    safe = torch.where(blur, sig, torch.ones_like(sig))
-    kernel = torch.softmax(-(pos * pos) / (2.0 * safe * safe), dim=1)  # [B, k], sums to 1
+    kernel = torch.softmax(-(pos * pos) / (2.0 * sig * sig), dim=1)  # [B, k], sums to 1
     kernel = kernel.repeat_interleave(C, dim=0)  # [B*C, k]
     y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
     y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
     y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
-    return torch.where(blur.view(B, 1, 1, 1), y.view(B, C, H, W), x)
+    return y.view(B, C, H, W)
 
 
 def solarize(x: torch.Tensor, flag: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -257,10 +264,100 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 _ALL_OPS = frozenset(PARAM_NAMES)
 
 
-def _apply(x: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec, ops=_ALL_OPS) -> torch.Tensor:
+def _hue_rows_(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_hue` for rows that all have a shift (in place, fewer passes): ``mn + delta * c(H)``
+    with ``c`` the piecewise-linear HSV -> RGB ramps (the same map up to float rounding)."""
+    v, mn = y.amax(dim=1), y.amin(dim=1)
+    delta = v - mn
+    inv = delta.clamp(min=1e-30).reciprocal_()  # grey pixels: 0 * inv = 0
+    r, g, b = y.unbind(dim=1)
+    h6 = torch.where(v == r, (g - b).mul_(inv),
+                     torch.where(v == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    h6.add_(shift.view(-1, 1, 1) * 6.0).remainder_(6.0)  # hue in sixths of a turn, [0, 6)
+    for c, (centre, sign, offset) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
+        ramp = torch.sub(h6, centre).abs_().mul_(sign).add_(offset).clamp_(0.0, 1.0)
+        torch.addcmul(mn, delta, ramp, out=y[:, c])
+    return y
+
+
+def _rows(flag: torch.Tensor) -> torch.Tensor | None:
+    """Host indices of the set rows of a CPU flag vector (None: every row)."""
+    idx = flag.nonzero().flatten()
+    return None if idx.numel() == flag.numel() else idx
+
+
+def _on_rows_(x: torch.Tensor, rows: torch.Tensor | None, fn) -> torch.Tensor:
+    """``fn(y, rows)`` (which may work in place on ``y``) on rows ``rows`` of ``x`` (None: all), the other rows
+    unchanged: the selected rows gathered when they are few, else the whole batch and the others put back."""
+    if rows is None:
+        return fn(x, slice(None))
+    n = x.shape[0]
+    if rows.numel() == 0:
+        return x
+    if 2 * rows.numel() <= n:
+        idx = rows.to(x.device)
+        return x.index_copy_(0, idx, fn(x.index_select(0, idx), rows))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rows] = False
+    other = keep.nonzero().flatten().to(x.device)
+    saved = x.index_select(0, other)
+    return fn(x, slice(None)).index_copy_(0, other, saved)
+
+
+def _apply_host(x: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec, ops) -> torch.Tensor:
+    """:func:`_apply` for parameters on the host: each op runs on the rows it changes only, in place on
+    ``x`` (which the caller owns). Ops are per sample, so rows left out are those it leaves bit for bit."""
+    p = params.to(dtype=x.dtype)
+    dev = x.device
+
+    def col(rows, c: int) -> torch.Tensor:
+        return p[rows, c].to(dev)
+
+    ident = torch.tensor(IDENTITY_PARAMS, dtype=p.dtype)
+    jitter_ops = [n for n in ("brightness", "contrast", "saturation", "hue") if n in ops]
+    if jitter_ops:
+        cols = [PARAM_NAMES.index(n) for n in jitter_ops]
+        jit = _rows((p[:, cols] != ident[cols]).any(dim=1))
+
+        def jitter(y: torch.Tensor, rows) -> torch.Tensor:
+            if "brightness" in ops:
+                y.mul_(col(rows, _B).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+            for name, c, other in (("contrast", _C, lambda z: _luma(z).mean(dim=(1, 2, 3), keepdim=True)),
+                                   ("saturation", _S, _luma)):
+                if name in ops and not (name == "saturation" and y.shape[1] == 1):
+                    # ratio * y + (1 - ratio) * other; lerp keeps y exactly where ratio == 1
+                    torch.lerp(other(y).expand_as(y), y, col(rows, c).view(-1, 1, 1, 1), out=y).clamp_(0.0, 1.0)
+            if "hue" in ops and y.shape[1] == 3:
+                shift = col(rows, _H)
+                hue = p[rows, _H] != 0
+                if bool(hue.all()):
+                    y = _hue_rows_(y, shift)
+                elif bool(hue.any()):
+                    y = torch.where(shift.view(-1, 1, 1, 1) != 0, _hue_rows_(y.clone(), shift), y)
+            return y
+
+        x = _on_rows_(x, jit, jitter)
+    if "grayscale" in ops and x.shape[1] == 3:
+        x = _on_rows_(x, _rows(p[:, _GRAY] > 0), lambda y, rows: _luma(y).expand_as(y).contiguous())
+    if "blur_sigma" in ops:
+        k = blur_kernel_size(spec, x.shape[-2], x.shape[-1])
+        # rows left out of the selection have sigma 0 here: a safe value, their blur is discarded
+        x = _on_rows_(x, _rows(p[:, _SIGMA] > 0),
+                      lambda y, rows: _blur(y, col(rows, _SIGMA).clamp(min=1e-3), k) if k > 1 else y)
+    if "solarize" in ops:
+        t = spec.solarize_threshold
+        x = _on_rows_(x, _rows(p[:, _SOLAR] > 0), lambda y, rows: torch.where(y >= t, 1.0 - y, y))
+    return x
+
+
+def _apply(x: torch.Tensor, params: torch.Tensor, spec: PhotometricSpec, ops=_ALL_OPS,
+           owned: bool = False) -> torch.Tensor:
+    """``ops`` of ``params`` on ``x``; ``owned``: ``x`` may be changed in place (the host path)."""
     out_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
+        x, owned = x.float(), True
+    if params.device.type == "cpu" and x.shape[0] > 0:  # row selection needs no device sync
+        return _apply_host(x if owned else x.clone(), params, spec, ops).to(out_dtype)
     p = params.to(device=x.device, dtype=x.dtype)
     if "brightness" in ops:
         x = adjust_brightness(x, p[:, _B])
@@ -285,7 +382,7 @@ def apply_params(images: torch.Tensor, params: torch.Tensor, spec: PhotometricSp
     x = _to_float(images)
     if params.shape != (x.shape[0], NUM_PARAMS):
         raise ValueError(f"params must be [{x.shape[0]}, {NUM_PARAMS}], got {tuple(params.shape)}")
-    return _apply(x, params, spec)
+    return _apply(x, params, spec, owned=x is not images)
 
 
 def photometric(images: torch.Tensor, spec: PhotometricSpec,
@@ -293,8 +390,14 @@ def photometric(images: torch.Tensor, spec: PhotometricSpec,
     """Random photometric augmentation of a batch: ``(out, params)`` with ``out`` like ``images``
     (uint8 -> float32 in [0, 1]) and ``params`` ``float32 [B, 7]`` on ``images.device``
     (columns :data:`PARAM_NAMES`). ``generator=None`` uses torch's global CPU generator."""
+    return _photometric(images, spec, generator, owned=False)
+
+
+def _photometric(images: torch.Tensor, spec: PhotometricSpec, generator: torch.Generator | None,
+                 owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = _to_float(images)
-    params = sample_params(x.shape[0], spec, generator, channels=x.shape[1]).to(x.device)
+    owned = owned or x is not images
+    params = sample_params(x.shape[0], spec, generator, channels=x.shape[1])
     # Skip ops that the spec never draws (a static choice: no host-device synchronisation).
     ops = set()
     if spec.jitter_p > 0:
@@ -304,7 +407,7 @@ def photometric(images: torch.Tensor, spec: PhotometricSpec,
     for name, p in (("grayscale", spec.grayscale_p), ("blur_sigma", spec.blur_p), ("solarize", spec.solarize_p)):
         if p > 0 and not (name == "grayscale" and x.shape[1] == 1):
             ops.add(name)
-    return _apply(x, params, spec, ops), params
+    return _apply(x, params, spec, ops, owned=owned), params.to(x.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,5 +452,17 @@ def photometric_views(crops: Tensor, spec: PhotometricSpec, normalize: nn.Module
     :func:`visrep.data.crops.take_crops`) in one batched call, view-major draws; same shape out
     (per-sample leading dim, so sharding a batch shards its views)."""
     B, n = crops.shape[:2]
-    x, _ = photometric(crops.transpose(0, 1).reshape(n * B, *crops.shape[2:]), spec, generator)
-    return normalize(x).reshape(n, B, *x.shape[1:]).transpose(0, 1)
+    flat = crops.transpose(0, 1).reshape(n * B, *crops.shape[2:])
+    # a copy of the views (n > 1) may be changed in place; a view of the caller's tensor may not
+    def fresh(t: Tensor) -> bool:
+        return t.untyped_storage().data_ptr() != crops.untyped_storage().data_ptr()
+
+    x, _ = _photometric(flat, spec, generator, owned=fresh(flat))
+    from visrep.models.vit import Normalize
+
+    if type(normalize) is Normalize and x.dtype == torch.float32 and fresh(x):
+        x = x.to(normalize.mean.device)  # Normalize's (x - mean) / std, in place on our own copy
+        x = x.sub_(normalize.mean).div_(normalize.std)
+    else:
+        x = normalize(x)
+    return x.reshape(n, B, *x.shape[1:]).transpose(0, 1)
