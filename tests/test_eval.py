@@ -487,7 +487,7 @@ def test_dinov2_protocols_read_the_official_features(tmp_path, blocks, monkeypat
     from visrep.eval import linear_input
 
     cfg = tiny_config("dinov2", tmp_path, "model.depth=4", f"eval.probe_blocks={blocks}", "eval.linear_epochs=1",
-                      "eval.lowshot_shots=[1]", "eval.lowshot_fraction=0", "eval.lowshot_seeds=1", "eval.knn_k=[3]")
+                      "eval.lowshot_shots=[1]", "eval.lowshot_seeds=1", "eval.knn_k=[3]")
     method, ds = build(cfg)
     method.eval()
     x = ds.tensors()[0][:5]
