@@ -46,8 +46,10 @@ class CropViews:
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         image = torch.as_tensor(image)
         H, W = image.shape[-2:]
-        if image.dim() == 3:  # channels-last: torch's vectorised uint8 antialiased resize (the same pixels)
-            image = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        if image.dim() == 3:  # channels-last: torch's vectorised uint8 antialiased resize (the same pixels),
+            image = image.unsqueeze(0)  # worth the transpose from several views on
+            if sum(s.count for s in self.specs.values()) > 1:
+                image = image.contiguous(memory_format=torch.channels_last)
         out = {}
         for name, s in self.specs.items():
             boxes = sample_rrc_boxes(s.count, H, W, s.scale, s.ratio, generator).tolist()
