@@ -313,6 +313,8 @@ def _migrate(tree: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Numeric bounds: checked when the config is built, before any data is read. key -> (low, high,
 # which ends are open); a null value passes when the type allows null; a list checks each element.
+# 0 stays allowed where it means "off" (ckpt_every, log_every, clip_grad, lowshot_fraction, lr for a
+# frozen control run).
 _GE0, _GE1, _GT0 = (0, None, ""), (1, None, ""), (0, None, "low")
 _UNIT, _UNIT_OPEN = (0, 1, ""), (0, 1, "high")
 NUMERIC_BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
@@ -328,8 +330,8 @@ NUMERIC_BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "train.epochs": _GE1, "train.batch_size": _GE1, "train.max_minutes": _GT0, "train.max_steps": _GE1,
     "train.ckpt_every": _GE0, "train.log_every": _GE0, "train.online_knn_samples": _GE1, "train.threads": _GE1,
     "eval.batch_size": _GE1, "eval.knn_k": _GE1, "eval.knn_temperature": _GT0, "eval.linear_epochs": _GE1,
-    "eval.probe_blocks": _GE1, "eval.lowshot_shots": _GE1, "eval.lowshot_fraction": (0, 1, "low"),
-    "eval.lowshot_seeds": _GE1, "eval.finetune_epochs": _GE1, "eval.finetune_samples": _GE1, "eval.finetune_lr": _GT0,
+    "eval.probe_blocks": _GE1, "eval.lowshot_shots": _GE1, "eval.lowshot_fraction": _UNIT,
+    "eval.lowshot_seeds": _GE1, "eval.finetune_epochs": _GE0, "eval.finetune_samples": _GE1, "eval.finetune_lr": _GT0,
     "eval.finetune_layer_decay": (0, 1, "low"), "eval.retrieval_samples": _GE1, "eval.fid_samples": _GE1,
 }
 
