@@ -244,6 +244,7 @@ def test_full_disk_while_logging(tmp_path, monkeypatch):
 
 
 def test_export_errors_name_the_path_and_cause(tmp_path, monkeypatch):
+    from visrep.cli import main
     from visrep.runner import export_checkpoint, load_trained, pretrain
 
     cfg = load_config(None, ["method.name=ijepa", "data.name=procedural", "data.image_size=16", "model.patch_size=4",
@@ -253,8 +254,11 @@ def test_export_errors_name_the_path_and_cause(tmp_path, monkeypatch):
                              "data.train_subset=16"])
     pretrain(cfg)
     ck = tmp_path / "run" / "last.pt"
+    with pytest.raises(RunDirectoryError, match="already holds a run"):  # said before any data is read
+        pretrain(cfg)
     with pytest.raises(WriteError, match="is a folder; give the file to write"):
         export_checkpoint(str(ck), str(tmp_path))
+    assert main(["export", str(ck), str(tmp_path)]) == 1  # the CLI: one line, exit 1
     monkeypatch.setattr(utils_mod.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "ro")))
     with pytest.raises(WriteError, match="read-only file system while writing .*enc.safetensors; nothing was written"):
         export_checkpoint(str(ck), str(tmp_path / "enc.safetensors"))
