@@ -89,7 +89,9 @@ def decode_image_rgb(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             arr = pil_to_rgb(im)
-        return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        # one writable copy; [3, H, W] as a view of the HWC pixels (channels-last strides): the views are cut
+        # from it without a transpose (CropViews resizes channels-last)
+        return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)
     except RefusedImageError:
         raise
     except Exception as pil_err:
