@@ -215,8 +215,9 @@ class _GlobalEmbedding(VisionLanguage):
 
 class CLIP(_GlobalEmbedding):
     def objective(self, images: Tensor, tokens: Tensor) -> Tensor:
-        zt = self.encode_tokens(tokens)["zt"]
-        return clip_loss(self.embed_image(images), zt, self.logit_scale.exp())
+        zt, zi = self.encode_tokens(tokens)["zt"], self.embed_image(images)
+        self.record_health(embeddings=zi)
+        return clip_loss(zi, zt, self.logit_scale.exp())
 
 
 class SigLIP(_GlobalEmbedding):
@@ -225,8 +226,9 @@ class SigLIP(_GlobalEmbedding):
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.method.init_logit_bias)))
 
     def objective(self, images: Tensor, tokens: Tensor) -> Tensor:
-        zt = self.encode_tokens(tokens)["zt"]
-        return siglip_loss(self.embed_image(images), zt, self.logit_scale.exp(), self.logit_bias)
+        zt, zi = self.encode_tokens(tokens)["zt"], self.embed_image(images)
+        self.record_health(embeddings=zi)
+        return siglip_loss(zi, zt, self.logit_scale.exp(), self.logit_bias)
 
 
 __all__ = ["CLIP", "CLIPConfig", "SigLIP", "SigLIPConfig", "VisionLanguage", "VisionLanguageConfig",

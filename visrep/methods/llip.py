@@ -127,6 +127,7 @@ class Llip(VisionLanguage):
     def objective(self, images: Tensor, tokens: Tensor) -> Tensor:
         K, V = self.mixer.keys_values(self.mixture_tokens(images))
         Q, zt = self.text_query_target(tokens)
+        self.record_health(embeddings=zt)  # the caption targets (image embeddings depend on the caption)
         return llip_loss(K, Q, V, zt, self.mixer.out_proj, self.cfg.weight_scale, self.logit_scale.exp(),
                          self.logit_bias, chunk=self.cfg.loss_chunk)
 
