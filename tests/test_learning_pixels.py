@@ -40,9 +40,14 @@ def _probe(method, cfg, n_train: int = 5000, n_test: int = 2000) -> dict[str, tu
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1350)
 @needs_fmnist
 def test_supervised_pixel_tokens_beat_random_init(tmp_path):
+    """Margin over 3 seeds (VISREP_LEARNING_SEED 0, 1, 2; linear probe, pretrained - random init):
+    58.05 - 47.65 = 10.40, 56.20 - 44.60 = 11.60, 57.60 - 45.95 = 11.65; mean 11.22, spread
+    (max - min) 1.25, so the asserted 5.0 leaves 6.2 points of slack (>= 3 x 1.25). Wall time 47 s
+    on an idle machine, 325 s and 447 s with the 2 cores shared by several test runs (load ~8): the
+    timeout is 3 x the slowest."""
     from visrep.config import load_config
     from visrep.runner import pretrain
 
