@@ -1,29 +1,14 @@
 """Contrastive vision-language pretraining: CLIP and SigLIP, and the pieces Llip shares with them.
 
-CLIP (Radford et al., 2021; open_clip ``ClipLoss``): symmetric InfoNCE between L2-normalised image
-and text embeddings, learnable temperature ``logit_scale`` (a log, initialised at log(1/0.07)).
-SigLIP (Zhai et al., 2023; open_clip ``SigLipLoss``): ``-sum log sigmoid(z_ij (t <x_i, y_j> + b)) / B``
-with learnable scale (init log 10) and bias (init -10).
+Radford et al. 2021 (CLIP), Zhai et al. 2023 (SigLIP); open_clip's ``ClipLoss`` / ``SigLipLoss``.
 
-    for each batch of (image, captions):
-        caption = one of the image's captions (drawn from the step generator)
-        x = normalize(RandomResizedCrop(0.9, 1)(image))
-        z_img = normalize(visual(x)[CLS] @ image_projection)       # Llip: see methods/llip.py
-        z_txt = normalize(text(tokenize(caption)))                  # EOT hidden @ text_projection
-        loss  = clip_loss / siglip_loss (negatives from every process, all-gather with gradients)
-        AdamW step; logit_scale clamped to [0, ln 100] (open_clip / Llip train.py)
+    x = normalize(RandomResizedCrop(0.9, 1)(image)); caption = one of the image's captions
+    z_img = normalize(visual(x)[CLS] @ image_projection); z_txt = normalize(text(caption))
+    loss = clip_loss / siglip_loss (negatives from every process); logit_scale clamped to [0, ln 100]
 
-Towers: the vision tower is our ViT in CLIP's layout (learned positions, ``ln_pre``, QuickGELU,
-bias-free patch conv, LN eps 1e-5; :func:`visrep.hub.clip_vit`), the text tower CLIP's causal
-transformer with open_clip's BPE tokenizer (:mod:`visrep.models.text`). Weight decay as open_clip:
-none on tensors with fewer than 2 dims, biases and the logit scale / bias. Initialisation: the ViT's
-(trunc_normal 0.02), open_clip's for the text tower and projections.
-
-Zero-shot / retrieval interface (``visrep.eval.zeroshot`` / ``retrieval``): ``encode_images`` and
-``encode_text`` return dicts of tensors with a leading sample axis (text entries are averaged over a
-class's prompts, ``zt`` renormalised), ``similarity`` scores every image against every text.
-Probe features (``features``): the pre-projection image representation (CLIP/SigLIP: the [CLS]
-token after ``ln_post``).
+As open_clip: CLIP's tower layout (learned positions, ``ln_pre``, QuickGELU, LN eps 1e-5), no weight
+decay on 1-D tensors, biases, logit scale / bias; logits under autocast as the official code.
+Specification and notes: docs/methods/clip.md
 """
 from __future__ import annotations
 

@@ -1,53 +1,17 @@
-"""Diffusion: a class-conditional DiT trained as a DDPM denoiser, sampled with DDPM or DDIM.
+"""Diffusion: a class-conditional DiT trained as a DDPM denoiser, sampled with DDPM or DDIM (PiT: 1x1 patches).
 
-Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (training, epsilon loss); Song et al.,
-"Denoising Diffusion Implicit Models", 2021 (sampling); Peebles & Xie, "Scalable Diffusion Models
-with Transformers", 2023 (the DiT, adaLN-Zero, classifier-free guidance, EMA); Ho & Salimans,
-"Classifier-Free Diffusion Guidance", 2022. PiT (Nguyen et al., 2024): the same DiT with 1x1
-patches, each pixel (or latent pixel) a token.
+Ho et al. 2020 (DDPM), Song et al. 2021 (DDIM), Peebles & Xie 2023 (DiT); official code facebookresearch/DiT
+(``train.py``, ``diffusion/gaussian_diffusion.py:training_losses``).
 
-    Training (every step; all randomness from the step generator, so resume and DDP are exact):
-        x0 = 2 * image - 1                    # pixels in [-1, 1]; with method.vae: VAE latent * scale
-        t  ~ Uniform{0, ..., T-1}             # one timestep per sample
-        eps ~ N(0, I)
-        y  = label, replaced by the null class with probability class_dropout (CFG training)
-        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          # q_sample
-        eps_hat, v = DiT(x_t, t, y)                           # v: DiT's learned variance (learn_sigma)
-        mse = mean_{C,H,W} (eps - eps_hat)^2                  # the simple (epsilon) objective
-        vb  = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))  # bits/dim, eps_hat detached; t = 0: decoder NLL
-        loss = mean_batch(mse + vb)                           # (mse alone without learn_sigma)
-        AdamW step; ema <- m * ema + (1 - m) * DiT           # m = min(ema, (1 + s) / (10 + s))
+    x0 = 2 * image - 1 (or VAE latent * scale); t ~ U{0..T-1}; eps ~ N(0, I); y dropped to null w.p. class_dropout
+    eps_hat, v = DiT(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y)
+    loss = mean(mse(eps, eps_hat) + vb(v, eps_hat detached)); AdamW; ema <- EMA(DiT)
+    sample: guided eps = eps(null) + w (eps(y) - eps(null)) through diffusers' DDPM / DDIM scheduler
 
-    Sampling (the EMA DiT; diffusers DDPMScheduler or DDIMScheduler over sample_steps steps):
-        x_T ~ N(0, I); y given or uniform over the classes
-        for t in the scheduler's timesteps:
-            eps = eps(x_t, null) + w * (eps(x_t, y) - eps(x_t, null))   # guidance scale w (1: off)
-            x_{t-1} = scheduler.step(eps, t, x_t)
-        image = (x_0 + 1) / 2 (VAE: decode(x_0 / scale) first) -> uint8
-
-Training follows the official DiT code (facebookresearch/DiT ``train.py`` +
-``diffusion/gaussian_diffusion.py:training_losses`` with ``create_diffusion(timestep_respacing="")``):
-the float64 schedule tables of :class:`NoiseSchedule` (whose coefficients are rounded to float32 when
-taken, as the official ``_extract_into_tensor``), ``learn_sigma`` (default, as DiT) doubles the output
-channels and adds the variational-bound term ``vb`` with the "learned range" variance
-(``rescale_learned_sigmas``: the official RESCALED_MSE, vb x T / 1000). Our ``linear`` schedule takes
-``beta_start`` / ``beta_end`` as given (the official one scales 1e-4 / 0.02 by 1000 / T). The sampler
-steps are diffusers' (a well-kept library); sampling uses the epsilon channels only (fixed variance).
-Also as the official code: the DiT trains in float32 whatever ``train.precision`` (``method.precision=autocast``
-follows it), and guidance acts on the first ``guided_channels`` = 3 channels (``forward_with_cfg``; of SD's 4
-latent channels the 4th keeps the conditional prediction; null: every channel, the usual guidance).
-The DiT's size is the ``model`` section (``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
-``mlp_ratio``, ``pos_embed``, ``grad_checkpointing``); ``patch_size: 1`` makes every pixel a token.
-
-Latent diffusion: ``method.vae`` names a local folder holding a diffusers ``AutoencoderKL``
-(``config.json`` + weights, e.g. ``stabilityai/sd-vae-ft-ema`` saved with ``save_pretrained``); it
-is never downloaded. The DiT then works on its latents (4 channels at image_size / 8), scaled by
-``vae_scale`` (null: the VAE's ``scaling_factor``, 0.18215 for SD's VAE); the VAE stays frozen and
-outside the state dict (checkpoints hold the DiT and its EMA only).
-
-Probe features (``features``): the EMA DiT at the fixed timestep ``feature_timestep`` on the clean
-image (no noise added, so they are deterministic), null class; the last block's layer-normed tokens,
-mean-pooled (PiT / DiT representation probes use such pooled intermediate tokens).
+As the official code: float64 schedule tables, ``learn_sigma`` with the vb term, float32 training
+(``method.precision``), guidance on the first ``guided_channels`` = 3 channels. Differences: the linear
+schedule takes beta_start / beta_end as given; sampling uses the epsilon channels (fixed variance).
+Specification and notes: docs/methods/diffusion.md
 """
 from __future__ import annotations
 

@@ -1,32 +1,16 @@
-"""Llip: "Modeling Caption Diversity in Contrastive Vision-Language Pretraining".
+"""Llip: contrastive vision-language pretraining where the caption mixes K visual tokens.
 
-Lavoie et al., ICML 2024; official code facebookresearch/Llip @ d5649c3 (``llip/open_clip/model.py``:
-``VisualTransformer`` with ``ncls``, ``CMP``, ``xAttnPred``; ``loss.py``: ``CMPLoss``). An image has
-many valid captions: the vision tower outputs K mixture tokens and the caption decides how they are
-mixed into the image representation it is compared with.
+Lavoie et al., ICML 2024; official code facebookresearch/Llip @ d5649c3 (``VisualTransformer`` with
+``ncls``, ``CMP``, ``xAttnPred``, ``CMPLoss``).
 
-    for each batch of (image, captions):
-        s = ln_post(visual(x))[:, :K]                    # K learned mixture tokens (registers with positions)
-        K_i = s_k W_k^(k), V_i = s_k W_v^(k)               # one key / value matrix per token, [B, H, K, d]
-        h = text EOT hidden state (before the projection)
-        Q_j = h_j W_q, zt_j = normalize(h_j W_t)           # query and target of caption j
-        zv[i, j] = concat_h softmax_k(K_i . Q_j / tau) V_i @ W_o     # every image x every caption
-        logits[i, j] = exp(s) <normalize(zv[i, j]), zt_j> + b         # s0 = log(1/0.07), b0 = -10
-        loss = SigLIP sigmoid loss over all pairs (captions of every process, all-gather with gradients)
+    s = ln_post(visual(x))[:, :K]; K_i, V_i = per-token projections of s
+    Q_j, zt_j = EOT state of caption j @ W_q, normalize(@ W_t)
+    zv[i, j] = concat_h softmax_k(K_i . Q_j / tau) V_i @ W_o         # every image x every caption
+    loss = SigLIP sigmoid loss on exp(s) <normalize(zv[i, j]), zt_j> + b
 
-Faithful to the code where it differs from a casual reading of the paper: per-token key/value
-projections, no 1/sqrt(d) in the attention logits (``weight_scale`` tau is the temperature:
-5 for B/16, G/14; 1 for L/14), the query from the EOT state *before* ``text_projection``, LayerNorm
-on K/Q/V only for the "-norm" (H/14, G/14) configs (``use_norm``), the tower's own output projection
-discarded. ``pass_all_tokens=true`` (the official "-alltokens" configs) mixes every output token
-(mixture tokens and patches). The B x B mixed representations are computed in caption blocks of
-``loss_chunk`` with activation checkpointing (official: ``checkpoint`` around the logits).
-
-Zero-shot (``visrep.eval.zeroshot``, official ``validate_zeroshot_cmp``): per class the queries of
-all prompts are averaged and the normalised targets averaged and renormalised; each image is mixed
-with each class query; the score is the cosine (no scale, no bias). Probe features: the mean of the
-K mixture tokens after ``ln_post``. Official checkpoints (``CMP`` state dicts) load with
-``method.load_state_dict(visrep.hub.llip_state(checkpoint))`` given the matching config.
+As the official code: no 1/sqrt(d) in the attention (``weight_scale`` tau), query before
+``text_projection``, K/Q/V LayerNorm only with ``use_norm``, ``pass_all_tokens`` mixing every token.
+Specification, zero-shot and loading notes: docs/methods/llip.md
 """
 from __future__ import annotations
 

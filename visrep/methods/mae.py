@@ -1,32 +1,16 @@
 """MAE: masked autoencoding of pixels, at any patch size (PiT's second case study: patch size 1).
 
-He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022 (official code
-facebookresearch/mae, ``models_mae.py``); Nguyen et al. (PiT, arXiv 2406.09415) run it with each
-pixel a token.
+He et al., CVPR 2022; official code facebookresearch/mae (``models_mae.py``, ``main_pretrain.py``).
 
-    for each batch of images x:
-        keep, masked = random_masking(mask_ratio)          # per sample: argsort of uniform noise
-        z = encoder(x, idx_keep=keep)                       # the encoder sees visible tokens only
-        p = decoder(z, keep -> masked)                      # light transformer; mask tokens + positions
-        t = patchify(x)[masked]                             # (optionally normalised per patch)
-        loss = mean over masked tokens of mean_pixels (p - t)^2
-        step AdamW (warm-up + cosine lr; betas (0.9, 0.95) in the official recipe)
+    keep, masked = random_masking(mask_ratio)          # per sample: argsort of uniform noise
+    z = encoder(x, idx_keep=keep)                       # visible tokens only
+    p = decoder(z, keep -> masked)                      # [CLS] + visible + mask tokens with positions
+    loss = mean over masked tokens of mean_pixels (p - (normalised) patchify(x)[masked])^2
 
-The decoder is the shared :class:`visrep.models.Predictor` with ``out_dim`` = pixels per patch
-(:meth:`MAE.decode`): it embeds the encoder's prefix tokens ([CLS], as the official decoder does; it
-has no position there, the official table's [CLS] row being zero) and the visible tokens (plus their
-positions), appends a mask token plus position for every masked one and predicts only those (the
-official decoder also predicts the visible patches and then ignores them; its loss is the same).
-The decoder blocks use ``model.mlp_ratio``, as the official ones. Kept tokens are in index order
-(official: noise order; attention does not depend on the order). ``norm_pix_loss`` (the official
-recipe uses it) normalises each target patch by its own mean and unbiased variance; it is refused
-where a patch holds a single value (patch size 1 on grey images), which it would map to zero.
-Initialisation as the official ``initialize_weights`` (``method.init=xavier``: xavier_uniform for every
-Linear, no depth rescale; ``trunc_normal``: our ViT default, trunc_normal(0.02) with the depth rescale).
-Weight decay as ``main_pretrain.py`` (timm's ``add_weight_decay``): every parameter except 1-D
-tensors and biases, so [CLS] and mask tokens are decayed; a learned position table (pixel tokens,
-ours) is not. Probe features: the encoder's average-pooled (or [CLS]) final-normed tokens (MAE's own
-linear probe uses the [CLS] token with a BatchNorm before the classifier).
+As the official code: the decoder sees [CLS], ``model.mlp_ratio`` decoder blocks, xavier init
+(``method.init``), weight decay on tokens. Differences: kept tokens in index order (official: noise
+order), only masked patches predicted (same loss).
+Specification and notes: docs/methods/mae.md
 """
 from __future__ import annotations
 
