@@ -74,6 +74,11 @@ class OptimConfig:
     final_weight_decay: float | None = None  # cosine weight-decay schedule end (null: constant)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float | None = None  # SGD / LARS / SGD_C / RMSprop_C momentum
+    nesterov: bool = False           # SGD / SGD_C: Nesterov momentum
+    dampening: float = 0.0           # SGD / SGD_C
+    amsgrad: bool = False            # AdamW / Adam_C
+    alpha: float = 0.99              # RMSprop_C: smoothing of the squared-gradient average
+    centered: bool = False           # RMSprop_C: centred (variance) normalisation
     lars_eta: float = 0.001          # LARS trust coefficient (PAWS)
     eps: float = 1e-8
     ipe_scale: float = 1.0           # schedule horizon multiplier (MSN uses 1.25)

@@ -92,7 +92,8 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     name = cfg.name
     if name == "adamw":
         fused = _fused_ok(groups)
-        kw: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        kw: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  amsgrad=cfg.amsgrad)
         if fused:
             try:
                 return torch.optim.AdamW(groups, fused=True, **kw)
@@ -100,7 +101,8 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
                 pass
         return torch.optim.AdamW(groups, foreach=True, **kw)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True,
+                               nesterov=cfg.nesterov, dampening=cfg.dampening)
     if name == "lars":
         from .lars import LARS
 
@@ -114,11 +116,11 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         if cfg.aggr is not None:
             kw["aggr"] = cfg.aggr
         if name == "sgd_c":
-            kw["momentum"] = cfg.momentum
+            kw.update(momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=cfg.dampening)
         elif name == "adam_c":
-            kw.update(betas=tuple(cfg.betas), eps=cfg.eps)
+            kw.update(betas=tuple(cfg.betas), eps=cfg.eps, amsgrad=cfg.amsgrad)
         else:
-            kw.update(eps=cfg.eps, momentum=cfg.momentum)
+            kw.update(eps=cfg.eps, momentum=cfg.momentum, alpha=cfg.alpha, centered=cfg.centered)
         return cls(groups, **kw)
     raise ValueError(f"optim.name: unknown optimizer {name!r}; allowed: adamw, sgd, lars, {', '.join(_CRITICAL)}")
 
