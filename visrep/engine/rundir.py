@@ -10,14 +10,18 @@
   moves everything in it but earlier ``replaced-*`` folders into ``out_dir/replaced-<time>/``:
   nothing is deleted); temporary files left by
   a write that was killed (``.last.pt.*.tmp``) are removed.
+* :class:`StopSignals`: SIGINT / SIGTERM end the run at the end of the step, saved;
+  :func:`skipped_summary`: one line for the unreadable files a run skipped.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -197,3 +201,61 @@ def claim_run_dir(out_dir: str | os.PathLike, *, resuming: bool, force: bool) ->
 
 
 __all__ = ["LOCK_NAME", "RUN_FILES", "RunLock", "claim_run_dir", "existing_run", "remove_orphans"]
+
+
+class StopSignals:
+    """SIGINT / SIGTERM set a flag (the trainer saves at the end of the step and exits); a second
+    signal stops at once. Installed only in the main thread; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: the user insists
+            self.__exit__()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+        print(f"visrep: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def exit(self, message: str) -> None:
+        """Leave as the signal asked: ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``."""
+        print(f"visrep: {message}", file=sys.stderr, flush=True)
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        raise SystemExit(128 + self.signum)
+
+
+def skipped_summary(data, logger) -> int:
+    """One line for the files the dataset skipped in this run, counted across DataLoader workers
+    (:func:`visrep.data.folders.skipped_images`); returns their number."""
+    from visrep.data.folders import UnreadableImageWarning, skipped_images
+
+    found = skipped_images(data)
+    if not found or logger is None:
+        return len(found)
+    root, paths = found.root, found.paths
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    message = f"{len(paths)} unreadable image(s) of {found.total} skipped in {root} during this run: {shown}"
+    warnings.warn(message, UnreadableImageWarning, stacklevel=3)
+    logger.write(message)
+    return len(paths)

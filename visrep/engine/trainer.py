@@ -41,9 +41,6 @@ import dataclasses
 import inspect
 import math
 import os
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -70,7 +67,7 @@ from .online_knn import OnlineKNN
 from .plots import plot_run
 from .resume import ResumeError, check_resumable, config_differences
 from .rng import rng_state, seed_everything, set_rng_state
-from .rundir import RunLock, claim_run_dir
+from .rundir import RunLock, StopSignals, claim_run_dir, skipped_summary
 from .step import apply_update, forward_backward
 
 CKPT_FORMAT = 2      # 2: + data_info
@@ -429,13 +426,13 @@ class Trainer:
         if error is not None:
             raise (RunDirectoryError if error[0] == "RunDirectoryError" else WriteError)(error[1])
         try:
-            with _StopSignals() as signals:
+            with StopSignals() as signals:
                 return self._fit(resume, signals)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _fit(self, resume: bool | str, signals: _StopSignals) -> TrainResult:
+    def _fit(self, resume: bool | str, signals: StopSignals) -> TrainResult:
         cfg, tc = self.cfg, self.cfg.train
         state = self._resume(resume)
         step = state["step"] if state else 0
@@ -582,64 +579,6 @@ class Trainer:
             signals.exit(f"stopped by {signals.name} after step {step}; checkpoint: {self.last_good}; continue with "
                          "--resume")
         return result
-
-
-class _StopSignals:
-    """SIGINT / SIGTERM set a flag (the trainer saves at the end of the step and exits); a second
-    signal stops at once. Installed only in the main thread; the previous handlers come back on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # the second one: the user insists
-            self.__exit__()
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        self.signum = signum
-        print(f"visrep: {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def exit(self, message: str) -> None:
-        """Leave as the signal asked: ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(128 + signum)``."""
-        print(f"visrep: {message}", file=sys.stderr, flush=True)
-        if self.signum == signal.SIGINT:
-            raise KeyboardInterrupt(message)
-        raise SystemExit(128 + self.signum)
-
-
-def skipped_summary(data, logger: MetricLogger | None) -> int:
-    """One line for the files the dataset skipped in this run, counted across DataLoader workers
-    (:func:`visrep.data.folders.skipped_images`); returns their number."""
-    from visrep.data.folders import UnreadableImageWarning, skipped_images
-
-    found = skipped_images(data)
-    if not found or logger is None:
-        return len(found)
-    root, paths = found.root, found.paths
-    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-    message = f"{len(paths)} unreadable image(s) of {found.total} skipped in {root} during this run: {shown}"
-    warnings.warn(message, UnreadableImageWarning, stacklevel=3)
-    logger.write(message)
-    return len(paths)
 
 
 def _scaled_lr(oc, scale: float):
