@@ -24,7 +24,7 @@ FIRST, STEPS, N = 20, 300, 400
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)  # 300 steps with learned sigma: 490 s measured on a loaded 2-core machine
 @needs_fmnist
 @pytest.mark.requires("diffusers")
 def test_dit_lowers_domain_fid_below_its_first_checkpoint(tmp_path, monkeypatch):
