@@ -46,7 +46,7 @@ def test_msn_beats_random_init_on_5shot(tmp_path):
     assert acc["pretrained"][0] >= acc["random"][0] + 4.0, acc
 
 
-PAWS_STEPS = 200
+PAWS_STEPS = 300
 
 
 @pytest.mark.slow
@@ -55,7 +55,9 @@ PAWS_STEPS = 200
 def test_paws_beats_random_init_on_soft_nn(tmp_path):
     """PAWS with 10 labels per class: soft nearest neighbours over those 100 labelled images (the
     paper's evaluation) after a short run vs the same network at random init. Measured here: 200 steps
-    47.0 vs 37.6 (69 s at one thread); 100 steps 40.9 vs 37.6; 300 steps 55.0.
+    47.0 vs 37.6 (69 s at one thread); 100 steps 40.9 vs 37.6; 300 steps 55.0. After the views moved to
+    StreamSpec.crops and PAWS's schedules to the official step convention, 200 steps gave 41.85 vs 37.55
+    (one seed): 300 steps now, for slack over the run-to-run spread (not yet measured over 3 seeds).
     (Whether it beats the same ViT trained supervised on the 100 images is a longer-budget claim:
     at 300 steps it does not -- soft-NN 55.0 vs supervised 61.2, see README.)"""
     from visrep.config import load_config
