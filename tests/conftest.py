@@ -209,5 +209,47 @@ def pytest_collection_modifyitems(session, config, items):
     while parent.parent is not None and Path(parent.path).resolve() != PARITY_TESTS_DIR:
         parent = parent.parent  # the tests/parity directory node (the session when there is none)
     items.insert(0, ParityCheck.from_parent(parent, name="integrity", check=_integrity))
-    if _covers_parity_dir(config) and not config.stash.get(_PARITY_DESELECTED, 0):
+    whole = _covers_parity_dir(config) and not config.stash.get(_PARITY_DESELECTED, 0)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller checks the union (below)
+        config.stash[_PARITY_WHOLE] = whole
+    elif whole:
         items.append(ParityCheck.from_parent(parent, name="all-consumed", check=_all_consumed))
+
+
+# Under pytest-xdist (``-n N``) each worker loads only the fixtures of the tests it ran, so
+# ``all-consumed`` cannot be an item: every worker reports what it loaded, and the controller fails the
+# session, naming the fixtures, when the union misses one.
+_PARITY_WHOLE = pytest.StashKey[bool]()
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if hasattr(config, "workerinput"):
+        config.workeroutput["parity_whole"] = config.stash.get(_PARITY_WHOLE, None)
+        config.workeroutput["parity_consumed"] = sorted(str(p) for p in _parity_helpers().consumed_fixtures())
+        return
+    reports = config.stash.get(_WORKER_PARITY, None)
+    if not reports or not all(r["parity_whole"] for r in reports):
+        return  # no worker collected parity tests, or a worker did not run the whole directory
+    ph = _parity_helpers()
+    used = {p for r in reports for p in r["parity_consumed"]}
+    unused = [js.stem for js in sorted(ph.PARITY_DIR.glob("*.json")) if str(js.resolve()) not in used]
+    if unused:
+        tr = config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"parity-fixtures::all-consumed FAILED: {len(unused)} fixture(s) in {ph.PARITY_DIR} were "
+                 "loaded by no test in this session (a fixture kind without a test, or a test that no longer "
+                 "reads it):"] + [f"  {n}" for n in unused]
+        if tr is not None:
+            tr.ensure_newline()
+            tr.write_line("\n".join(lines), red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_WORKER_PARITY = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    out = getattr(node, "workeroutput", None) or {}
+    if "parity_consumed" in out:
+        node.config.stash.setdefault(_WORKER_PARITY, []).append(out)

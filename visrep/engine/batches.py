@@ -101,6 +101,15 @@ class BatchSource:
                 yield from self.loader
             epoch, start = epoch + 1, 0
 
+    def close(self) -> None:
+        """Stop the main stream's loader workers now. They persist between epochs, and a finished run
+        left them to the garbage collector: idle processes after ``pretrain`` returns, each later
+        shut down with a join that can wait seconds."""
+        it = getattr(getattr(self, "loader", None), "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self.loader._iterator = None
+
     def __call__(self, start_step: int) -> Iterator[dict]:
         step = start_step
         for batch in self.raw(start_step):

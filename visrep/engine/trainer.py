@@ -549,6 +549,8 @@ class Trainer:
                     self._save(step, elapsed(), history, log_pending=log_pending, path=self.candidate_path)
                     candidate = {"step": step}
         finally:
+            batches.close()
+            self.batches.close()
             logger.close()
             if candidate is not None and D.is_main():  # never checked: a NaN, or an exception
                 with contextlib.suppress(OSError):
