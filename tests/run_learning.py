@@ -31,8 +31,8 @@ class _Collect:
     def __init__(self):
         self.items: list[tuple[str, float]] = []
 
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
+    def pytest_collection_finish(self, session):  # after -m / -k deselection
+        for item in session.items:
             mark = item.get_closest_marker("timeout")
             self.items.append((item.nodeid, float(mark.args[0]) if mark and mark.args else 300.0))
 
