@@ -18,7 +18,7 @@ STEPS = 150
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(400)
 @needs_fmnist
 def test_dinov2_beats_random_init_on_knn(tmp_path):
     from visrep.config import load_config
@@ -42,5 +42,7 @@ def test_dinov2_beats_random_init_on_knn(tmp_path):
         fte, _ = extract_features(m.features, xte, yte, progress=False)
         acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
     print(f"dinov2: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
-    assert acc["pretrained"] >= acc["random"] + 20.0, acc
-    assert acc["pretrained"] >= 55.0, acc
+    # over seeds 0, 1, 2 (one thread, two runs at a time; 59, 53, 62 s): pretrained 67.90 / 64.44 / 65.60
+    # (std 1.74), gain 57.44 / 56.14 / 56.26 (std 0.72); each bound = smallest - 3 x std, rounded down
+    assert acc["pretrained"] >= acc["random"] + 53.5, acc
+    assert acc["pretrained"] >= 59.0, acc

@@ -57,20 +57,19 @@ MRR_STEPS = 1200
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(4800)
+@pytest.mark.timeout(1200)
 @needs_fmnist
 def test_conditioned_iwm_predictor_is_a_better_world_model(tmp_path, monkeypatch):
     """One feature-conditioned run: its predictor ranks the requested target higher when told the
     right transformation than when told another sample's (the action rolled over the batch: the
     same network, views, masks and candidates; only the action is wrong).
 
-    Measured (MRR over 8 versions, 1200 steps, seed 0): right action 0.397, another sample's 0.334,
-    and a separately trained unconditioned predictor 0.331 (the earlier baseline, which needs a second
-    run; chance is 0.34): the two baselines agree, so the test trains once. Spread over seeds: not
-    measured for this comparison (the unconditioned-baseline version had ~0.03); the margin 0.04
-    leaves 0.023 of slack at seed 0, less than 3x that spread -- to be measured over 3 seeds.
-    Wall time: training 1462 s + 2 x 40 s of MRR on the 2 shared cores at load ~8 (about 4 min idle);
-    the timeout is 3 x that."""
+    Measured earlier (MRR over 8 versions, 1200 steps, seed 0): right action 0.397, another sample's
+    0.334, and a separately trained unconditioned predictor 0.331 (a baseline that needs a second run;
+    chance is 0.34): the two baselines agree, so the test trains once. Over seeds 0, 1, 2 now (one
+    thread, two learning runs at a time): right 0.441 / 0.418 / 0.468 vs other 0.329 / 0.326 / 0.328,
+    gain 0.112 / 0.092 / 0.140, std 0.024: margin 0.092 - 3 x 0.024 = 0.020, rounded down to 0.015.
+    198, 225, 216 s; the timeout is 5x that (training once took 1462 s on 2 cores shared at load ~8)."""
     import torch
 
     import visrep.methods.iwm as iwm_module
@@ -88,4 +87,4 @@ def test_conditioned_iwm_predictor_is_a_better_world_model(tmp_path, monkeypatch
     monkeypatch.setattr(iwm_module, "action", lambda ps, pt, spec: real_action(ps, pt, spec).roll(1, 0))
     mrr["other"] = method.world_model_mrr(images, n_candidates=8, generator=torch.Generator().manual_seed(0))
     print(f"world-model MRR: right action {mrr['right']:.3f} vs another sample's {mrr['other']:.3f}")
-    assert mrr["right"] >= mrr["other"] + 0.04, mrr
+    assert mrr["right"] >= mrr["other"] + 0.015, mrr

@@ -24,7 +24,7 @@ FIRST, STEPS, N = 20, 300, 400
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 300 steps with learned sigma: 490 s measured on a loaded 2-core machine
+@pytest.mark.timeout(400)  # 61, 66, 67 s (seeds 0-2, one thread, two runs at a time); 490 s once under load ~8
 @needs_fmnist
 @pytest.mark.requires("diffusers")
 def test_dit_lowers_domain_fid_below_its_first_checkpoint(tmp_path, monkeypatch):
@@ -61,4 +61,6 @@ def test_dit_lowers_domain_fid_below_its_first_checkpoint(tmp_path, monkeypatch)
     print(f"DiT on Fashion-MNIST 14x14, {label}: step {FIRST} {fid['first']:.2f} -> step {STEPS} {fid['last']:.2f} "
           f"(training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s)")
     assert label.startswith("domain FID")
-    assert fid["last"] < 0.6 * fid["first"], fid
+    # last / first over seeds 0, 1, 2: 17.91 / 33.13 = 0.541, 18.61 / 35.12 = 0.530, 17.95 / 34.69 = 0.517
+    # (std 0.012): the bound is the largest + 3 x std = 0.575, rounded up to 0.58
+    assert fid["last"] < 0.58 * fid["first"], fid

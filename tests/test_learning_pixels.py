@@ -40,14 +40,14 @@ def _probe(method, cfg, n_train: int = 5000, n_test: int = 2000) -> dict[str, tu
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1350)
+@pytest.mark.timeout(400)
 @needs_fmnist
 def test_supervised_pixel_tokens_beat_random_init(tmp_path):
-    """Margin over 3 seeds (VISREP_LEARNING_SEED 0, 1, 2; linear probe, pretrained - random init):
-    58.05 - 47.65 = 10.40, 56.20 - 44.60 = 11.60, 57.60 - 45.95 = 11.65; mean 11.22, spread
-    (max - min) 1.25, so the asserted 5.0 leaves 6.2 points of slack (>= 3 x 1.25). Wall time 47 s
-    on an idle machine, 325 s and 447 s with the 2 cores shared by several test runs (load ~8): the
-    timeout is 3 x the slowest."""
+    """Gain over 3 seeds (VISREP_LEARNING_SEED 0, 1, 2, one thread, two learning runs at a time;
+    linear probe, pretrained - random init): 58.25 - 47.65 = 10.60, 57.90 - 44.60 = 13.30,
+    57.95 - 45.95 = 12.00; std 1.35, so the margin is 10.60 - 3 x 1.35 = 6.55, rounded down to 6.5 (every
+    seed keeps a slack of at least 3x the spread). 48, 48, 50 s; the timeout is 8x that (an earlier
+    run took 447 s with the 2 cores shared by several test runs, load ~8)."""
     from visrep.config import load_config
     from visrep.runner import pretrain
 
@@ -56,13 +56,15 @@ def test_supervised_pixel_tokens_beat_random_init(tmp_path):
     method, result = pretrain(cfg)
     acc = _probe(method, cfg)
     print(f"supervised pixel tokens (linear, k-NN@20): {acc}")
-    assert acc["pretrained"][0] >= acc["random init"][0] + 5.0, acc
+    assert acc["pretrained"][0] >= acc["random init"][0] + 6.5, acc
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(400)
 @needs_fmnist
 def test_mae_pixel_tokens_beat_random_init(tmp_path):
+    """Gain over 3 seeds (linear probe, pretrained - random init; measured as for the supervised test):
+    24.75, 22.60, 27.20, std 2.30: margin 22.60 - 3 x 2.30 = 15.7, rounded down to 15.5. 58, 57, 59 s."""
     from visrep.config import load_config
     from visrep.runner import pretrain
 
@@ -73,4 +75,4 @@ def test_mae_pixel_tokens_beat_random_init(tmp_path):
     assert result.losses[-1] < result.losses[0]
     acc = _probe(method, cfg)
     print(f"MAE pixel tokens (linear, k-NN@20): {acc}")
-    assert acc["pretrained"][0] >= acc["random init"][0] + 5.0, acc
+    assert acc["pretrained"][0] >= acc["random init"][0] + 15.5, acc
