@@ -53,7 +53,7 @@ def collect(extra: list[str]) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lanes", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--lanes", type=int, default=min(4, len(os.sched_getaffinity(0))))
     args, extra = ap.parse_known_args(argv)
     os.chdir(ROOT)
     todo = sorted(collect(extra), key=lambda item: -item[1])  # longest first
