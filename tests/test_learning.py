@@ -1,8 +1,7 @@
 """Learning tests: a short real run on Fashion-MNIST beats the same encoder at random init.
 
-Both encoders are measured in the same run, on the same subsets, with the same k-NN protocol; the
-pretrained one must win by a clear margin. Each runs one to two minutes on one CPU thread.
-Measured here (k-NN@20, 10k/5k subsets, 900 steps): I-JEPA 67.8, StoP 66.6, random init 63.7.
+Both encoders are measured in the same run, on the same subsets (10k / 5k), with the same protocols;
+the pretrained one must win by a margin. Each runs one to two minutes on one CPU thread.
 """
 from __future__ import annotations
 
@@ -20,22 +19,45 @@ SEED = int(os.environ.get("VISREP_LEARNING_SEED", "0"))
 SEEDED = [f"train.seed={SEED}"]
 
 STEPS = 900
+IJEPA_MARGIN, STOP_MARGIN = 0.5, 0.0  # from 3 seeds: see test_beats_random_init_on_linear_probe
+# I-JEPA and StoP: warm-up 0.2 epochs (94 steps) instead of the demo recipes' 0.03 (14 steps). Without it
+# some seeds fall into a low-rank state in the first steps (seed 2: RankMe 1.6 at step 20, 3.3 at step
+# 320, the JEPA loss already at 0.055) and recover only slowly: linear-probe gains over random init of
+# 7.3 / 11.0 / 1.5 points (seeds 0 / 1 / 2, k-NN -4.2 at seed 2); 1800 steps still gave 13.3 / 14.4 / 6.7.
+WARMUP = ["optim.warmup_epochs=0.2"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 @needs_fmnist
-@pytest.mark.parametrize("recipe, margin", [("ijepa/fashion_mnist_demo", 2.0), ("stop/fashion_mnist", 1.5)])
-def test_beats_random_init_on_knn(recipe, margin, tmp_path):
+@pytest.mark.parametrize("recipe, margin", [("ijepa/fashion_mnist_demo", IJEPA_MARGIN),
+                                            ("stop/fashion_mnist", STOP_MARGIN)])
+def test_beats_random_init_on_linear_probe(recipe, margin, tmp_path):
+    """Linear probe (the I-JEPA paper's protocol on average-pooled target-encoder tokens; k-NN@20 is
+    printed, not asserted: its gain at this budget is within its spread). Over seeds 0, 1, 2 (one thread,
+    two learning runs at a time), gain = pretrained - random init, margin = smallest gain - 3 x std,
+    rounded down to 0.5:
+
+        recipe   linear-probe gains     std    margin    k-NN@20 gains
+        I-JEPA   7.40, 4.82, 6.34       1.30    0.5      1.48, -0.56, 3.74
+        StoP     7.56, 9.20, 5.30       1.96    0.0      2.68, 2.12, 1.54
+
+    StoP misses the rule: 5.30 - 3 x 1.96 = -0.58, so no positive margin has 3x slack; 0.0 (pretrained at
+    least as good as random init) keeps a slack of 2.7x its spread. At this budget the JEPA gains vary by
+    about a quarter of their size from seed to seed, and evaluating on all 60k / 10k images does not
+    narrow that (I-JEPA 6.93 / 4.27 / 6.94, StoP 7.67 / 7.85 / 4.96): the spread is the training's.
+    101-112 s each (one thread, two runs at a time).
+    """
     from visrep.config import load_config
     from visrep.eval import extract_features, knn_classify
+    from visrep.eval.linear import linear_probe
     from visrep.runner import load_split, pretrain
 
     path = resolve_config(recipe)
     batch = load_config(path).train.batch_size
     cfg = load_config(path, [f"train.max_steps={STEPS}", "train.max_minutes=null",
                              "train.progress=false", f"train.out_dir={tmp_path}", "train.ckpt_every=100000",
-                             f"train.epochs={STEPS * batch // 60000 + 1}", *SEEDED])
+                             f"train.epochs={STEPS * batch // 60000 + 1}", *WARMUP, *SEEDED])
     method, result = pretrain(cfg)
     assert result.step == STEPS
     assert result.losses[-1] < result.losses[0]
@@ -48,9 +70,11 @@ def test_beats_random_init_on_knn(recipe, margin, tmp_path):
     for name, m in (("pretrained", method), ("random", random_init)):
         ftr, _ = extract_features(m.features, xtr, ytr, progress=False)
         fte, _ = extract_features(m.features, xte, yte, progress=False)
-        acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
-    print(f"{recipe}: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
-    assert acc["pretrained"] >= acc["random"] + margin, acc
+        acc[name] = (linear_probe(ftr, ytr, fte, yte, seed=0)["test_acc"],
+                     knn_classify(ftr, ytr, fte, yte, ks=(20,))[20])
+    print(f"{recipe}: linear / k-NN@20 pretrained {acc['pretrained'][0]:.2f} / {acc['pretrained'][1]:.2f} "
+          f"vs random init {acc['random'][0]:.2f} / {acc['random'][1]:.2f}")
+    assert acc["pretrained"][0] >= acc["random"][0] + margin, acc
 
 
 MRR_STEPS = 1200
