@@ -42,7 +42,9 @@ def test_dinov2_beats_random_init_on_knn(tmp_path):
         fte, _ = extract_features(m.features, xte, yte, progress=False)
         acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
     print(f"dinov2: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
-    # over seeds 0, 1, 2 (one thread, two runs at a time; 59, 53, 62 s): pretrained 67.90 / 64.44 / 65.60
-    # (std 1.74), gain 57.44 / 56.14 / 56.26 (std 0.72); each bound = smallest - 3 x std, rounded down
-    assert acc["pretrained"] >= acc["random"] + 53.5, acc
-    assert acc["pretrained"] >= 59.0, acc
+    # over seeds 0, 1, 2 (one thread, two runs at a time; 56, 55, 58 s), with the recipe's teacher temperatures
+    # 0.02 -> 0.03 and Sinkhorn-Knopp: pretrained 69.42 / 64.12 / 66.30 (std 2.67), gain 58.96 / 55.82 / 56.96
+    # (std 1.59); each bound = smallest - 3 x std, rounded down. (Before that recipe change: pretrained
+    # 67.90 / 64.44 / 65.60, gain 57.44 / 56.14 / 56.26.)
+    assert acc["pretrained"] >= acc["random"] + 51.0, acc
+    assert acc["pretrained"] >= 56.0, acc
