@@ -293,6 +293,17 @@ def test_calibrate_total_steps_fits_the_budget(tmp_path):
     assert load_checkpoint(res.checkpoint)["total_steps"] == res.total_steps
 
 
+def test_calibration_fits_the_schedules_to_max_steps_when_it_binds_first(tmp_path):
+    """A generous time budget with train.max_steps (what `visrep bench --steps N` runs): the schedules end
+    at max_steps, not at what the time would allow (they stayed at their peak before)."""
+    cfg = make_cfg(tmp_path, epochs=1000, max_minutes=60.0, max_steps=6)
+    trainer = Trainer(cfg, SlowToy(dropout=0.0), ToyData())
+    assert trainer.calibrate_total_steps(warmup_steps=1, measure_steps=2) == 6
+    assert trainer.total_steps == 6 and trainer.lr_schedule.T_max == 6
+    res = trainer.fit()
+    assert res.step == 6 and res.total_steps == 6
+
+
 def test_refit_horizon_uses_the_measured_pace():
     from visrep.engine.budget import refit_horizon
 

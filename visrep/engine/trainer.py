@@ -226,7 +226,12 @@ class Trainer:
         steps = steps_for_budget(minutes, seconds, safety)
         self.seconds_per_step = seconds
         self.calibration_seconds = time.perf_counter() - t_cal
-        self.refit_to_budget = True
+        # the budget is whichever binds first: with train.max_steps below what the time allows, the
+        # schedules end at max_steps (fitting them to the time alone left `--steps` runs un-decayed)
+        max_steps = self.cfg.train.max_steps
+        self.refit_to_budget = max_steps is None or steps < max_steps
+        if not self.refit_to_budget:
+            steps = max_steps
         self.set_total_steps(steps)
         return steps
 
@@ -517,6 +522,8 @@ class Trainer:
                         new_total = refit_horizon(self.total_steps, step, result.start_step, now - t_start,
                                               budget - elapsed())
                         new_total = D.broadcast_object(new_total)  # every process keeps the same schedule
+                        if new_total is not None and tc.max_steps is not None:
+                            new_total = min(new_total, tc.max_steps)
                         if new_total is not None:
                             self.set_total_steps(new_total)
                             self.explicit_total = True
