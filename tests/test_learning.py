@@ -20,6 +20,7 @@ SEEDED = [f"train.seed={SEED}"]
 
 STEPS = 900
 IJEPA_MARGIN, STOP_MARGIN = 0.5, 0.0  # from 3 seeds: see test_beats_random_init_on_linear_probe
+FLOOR = {"stop/fashion_mnist": 68.5}    # pretrained linear-probe accuracy, same rule
 # I-JEPA and StoP: warm-up 0.2 epochs (94 steps) instead of the demo recipes' 0.03 (14 steps). Without it
 # some seeds fall into a low-rank state in the first steps (seed 2: RankMe 1.6 at step 20, 3.3 at step
 # 320, the JEPA loss already at 0.055) and recover only slowly: linear-probe gains over random init of
@@ -42,8 +43,13 @@ def test_beats_random_init_on_linear_probe(recipe, margin, tmp_path):
         I-JEPA   7.40, 4.82, 6.34       1.30    0.5      1.48, -0.56, 3.74
         StoP     7.56, 9.20, 5.30       1.96    0.0      2.68, 2.12, 1.54
 
-    StoP misses the rule: 5.30 - 3 x 1.96 = -0.58, so no positive margin has 3x slack; 0.0 (pretrained at
-    least as good as random init) keeps a slack of 2.7x its spread. At this budget the JEPA gains vary by
+    StoP misses the rule on the gain: 5.30 - 3 x 1.96 = -0.58, so no positive margin has 3x slack; 0.0
+    (pretrained at least as good as random init) keeps a slack of 2.7x its spread (1800 steps did not
+    help: gains 10.56 / 13.32 / 7.80, std 2.76). Much of that spread is the random init's (linear
+    63.30 / 62.90 / 65.76), so StoP also has a floor on its own accuracy, by the same rule: pretrained
+    70.86 / 72.10 / 71.06, std 0.66, floor 70.86 - 3 x 0.66 = 68.9, rounded down to 68.5 -- above every
+    random init measured. (I-JEPA's pretrained values, 70.70 / 67.72 / 72.10, spread too much for one.)
+    At this budget the JEPA gains vary by
     about a quarter of their size from seed to seed, and evaluating on all 60k / 10k images does not
     narrow that (I-JEPA 6.93 / 4.27 / 6.94, StoP 7.67 / 7.85 / 4.96): the spread is the training's.
     101-112 s each (one thread, two runs at a time).
@@ -75,6 +81,7 @@ def test_beats_random_init_on_linear_probe(recipe, margin, tmp_path):
     print(f"{recipe}: linear / k-NN@20 pretrained {acc['pretrained'][0]:.2f} / {acc['pretrained'][1]:.2f} "
           f"vs random init {acc['random'][0]:.2f} / {acc['random'][1]:.2f}")
     assert acc["pretrained"][0] >= acc["random"][0] + margin, acc
+    assert acc["pretrained"][0] >= FLOOR.get(recipe, 0.0), acc
 
 
 MRR_STEPS = 1200
