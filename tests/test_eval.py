@@ -226,7 +226,7 @@ def test_fit_logreg_reaches_optimum():
     assert gw.abs().max() < 1e-5 and gb.abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("variant,preprocess", [("msn", None), ("visrep", "l2"), ("visrep", "standardize"),
+@pytest.mark.parametrize("variant,preprocess", [("logistic_eval", None), ("visrep", "l2"), ("visrep", "standardize"),
                                                 ("visrep", "none")])
 def test_lowshot_separable(variant, preprocess):
     res = lowshot_logreg(*clusters(n_train_per_class=200), preprocess=preprocess, variant=variant)
@@ -411,7 +411,7 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
 
     # count the low-shot splits (one per seed) and the classifiers fitted on them
     fit_sizes, drawn = [], []
-    fit_msn_, lowshot_splits_ = lowshot_mod.fit_msn, lowshot_mod.lowshot_splits
+    fit_msn_, lowshot_splits_ = lowshot_mod.fit_logistic_eval, lowshot_mod.lowshot_splits
 
     def counting_fit(*args, **kwargs):
         labels = list(inspect.signature(fit_msn_).bind(*args, **kwargs).arguments.values())[1]
@@ -425,7 +425,7 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
         drawn.append((bound.arguments["setting"], bound.arguments["seed"], [tuple(s.tolist()) for s in splits]))
         return splits
 
-    monkeypatch.setattr(lowshot_mod, "fit_msn", counting_fit)
+    monkeypatch.setattr(lowshot_mod, "fit_logistic_eval", counting_fit)
     monkeypatch.setattr(lowshot_mod, "lowshot_splits", counting_splits)
     results = run_protocols({"a": clusters(n_train_per_class=100)}, cfg, verbose=False)
     assert results["rows"] == ["k-NN k=5", "k-NN k=10", "linear probe", "low-shot 1/class", "low-shot 2/class",
@@ -447,6 +447,13 @@ def test_run_protocols_from_eval_config(tmp_path, monkeypatch):
     md, js = save_results(results, table, tmp_path)
     assert md.read_text() == table and json.loads(js.read_text())["columns"] == ["a"]
     assert [name for name, _ in protocols_from_config(EvalConfig())] == ["knn", "linear", "lowshot"]
+
+
+def test_old_lowshot_variant_name_is_migrated():
+    from visrep.config import build_config
+
+    cfg = build_config({"method": {"name": "ijepa"}, "eval": {"lowshot_variant": "msn"}})
+    assert cfg.eval.lowshot_variant == "logistic_eval"
 
 
 def test_lowshot_msn_variant_protocol():

@@ -132,9 +132,10 @@ class EvalConfig:
     lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     lowshot_fraction: float = 0.01
     lowshot_seeds: int = 3
-    lowshot_variant: Literal["msn", "visrep"] = "msn"  # msn: logistic_eval.py (rows centred + normalised, no
-                                     # bias, lambda 2.5e-4 / N); visrep: column-centred, bias, l2 1e-4
-    lowshot_solver: Literal["auto", "cyanure", "lbfgs"] = "auto"  # msn variant: cyanure when installed
+    # logistic_eval: MSN's logistic_eval.py (rows centred + normalised, no bias, lambda 2.5e-4 / N; "msn" in
+    # configs saved before is read as this); visrep: column-centred, bias, l2 1e-4
+    lowshot_variant: Literal["logistic_eval", "visrep"] = "logistic_eval"
+    lowshot_solver: Literal["auto", "cyanure", "lbfgs"] = "auto"  # logistic_eval: cyanure when installed
     finetune_epochs: int = 10        # predictor fine-tuning (world models): epochs over finetune_samples
     finetune_samples: int = 10000    # labelled training images it uses (the test split is used whole)
     finetune_lr: float = 1.0e-3      # head and random predictor; a pretrained predictor gets 1/10
@@ -312,6 +313,9 @@ def _migrate(tree: dict) -> dict:
             tree[osec] = section
             if nkey in mfields:
                 tree["method"] = {nkey: value, **(tree.get("method") or {})}
+    ev = tree.get("eval") or {}
+    if ev.get("lowshot_variant") == "msn":  # renamed after the protocol's script, not the method
+        tree["eval"] = {**ev, "lowshot_variant": "logistic_eval"}
     return tree
 
 

@@ -11,7 +11,7 @@ from test_vit_parity import build_ijepa_encoder
 from visrep.data.splits import uint8_eval_transform
 from visrep.eval import knn_classify, linear_input, lowshot_logreg, preprocess_features
 from visrep.eval.knn import knn_scores
-from visrep.eval.lowshot import MSN_LAMBDA, fit_logreg_cyanure, fit_msn, have_cyanure
+from visrep.eval.lowshot import MSN_LAMBDA, fit_logistic_eval, fit_logreg_cyanure, have_cyanure
 from visrep.hub import dinov2_vit
 
 needs_cyanure = pytest.mark.requires("cyanure")
@@ -46,7 +46,7 @@ def test_msn_logistic_eval_cyanure(path):
     assert torch.equal((t["out.test_embs_pre"] @ w).argmax(1), t["out.test_pred"])
     res = lowshot_logreg(t["in.train_embs"], y, t["in.test_embs"], t["in.test_labs"],
                          settings=(fx.config["n_train_per_class"],), n_splits=1, solver="cyanure")
-    assert res["variant"] == "msn" and res["solver"] == "cyanure"
+    assert res["variant"] == "logistic_eval" and res["solver"] == "cyanure"
     (r,) = res["settings"].values()
     assert r["n_train"] == len(y) and r["mean"] == pytest.approx(100 * float(t["out.test_score"]), abs=1e-9)
 
@@ -58,7 +58,7 @@ def test_msn_logistic_eval_lbfgs_within_cyanure_tolerance(path):
     fx = load_fixture(path)
     t = fx.tensors
     x, y, lambd = t["out.train_embs_pre"], t["in.train_labs"], float(t["out.lambd"])
-    w = fit_msn(x, y, fx.config["n_classes"], lambd, "lbfgs")
+    w = fit_logistic_eval(x, y, fx.config["n_classes"], lambd, "lbfgs")
     ours, official = _msn_objective(x, y, w, lambd), float(t["out.objective"])
     assert official == pytest.approx(_msn_objective(x, y, t["out.coef"], lambd), rel=1e-12)
     assert ours <= official * (1 + 1e-9) and official - ours <= 1e-3 * official

@@ -1,6 +1,6 @@
 """Low-shot evaluation: multinomial logistic regression on frozen features.
 
-Default ``variant="msn"``: MSN's ``logistic_eval.py``: each row centred on its own mean and
+Default ``variant="logistic_eval"``: MSN's ``logistic_eval.py``: each row centred on its own mean and
 L2-normalised (``cyanure.preprocess(centering=True, normalize=True, columns=False)``), no
 intercept, lambda = 2.5e-4 / N (N training images), fitted by cyanure (tol 1e-3, 300 epochs) when
 it is installed (``pip install visrep[lowshot]``), else by full-batch L-BFGS to the same optimum.
@@ -25,7 +25,7 @@ DEFAULT_L2 = 1e-4
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 MSN_LAMBDA = 2.5e-4          # logistic_eval.py --lambd; the fit uses MSN_LAMBDA / N
 MSN_TOL, MSN_MAX_EPOCHS, MSN_IT0 = 1e-3, 300, 10   # its cyanure fit(tol, max_epochs, it0)
-VARIANTS = ("msn", "visrep")
+VARIANTS = ("logistic_eval", "visrep")
 SOLVERS = ("auto", "cyanure", "lbfgs")
 
 
@@ -248,13 +248,13 @@ def lowshot_logreg(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     num_threads: int | None = 1,
-    variant: str = "msn",
+    variant: str = "logistic_eval",
     solver: str = "auto",
     msn_lambda: float = MSN_LAMBDA,
 ) -> dict:
     """Low-shot multinomial logistic regression; mean/std test accuracy (%) over seeded splits.
 
-    ``variant="msn"`` (default): MSN's ``logistic_eval.py`` on each split: rows centred and
+    ``variant="logistic_eval"`` (default): MSN's ``logistic_eval.py`` on each split: rows centred and
     normalised (``preprocess="rows"``), no intercept, ``lambd = msn_lambda / n_train``, fitted by
     cyanure (``solver="cyanure"``; ``"auto"``: cyanure when installed, else ``"lbfgs"``:
     :func:`fit_logreg` without bias to a tight tolerance, the same optimum; the tolerance-matched
@@ -284,7 +284,7 @@ def lowshot_logreg(
     a busy machine down badly; None keeps the current setting, e.g. for 1000 classes).
 
     Returns ``{"settings": {name: {"mean", "std", "accs", "l2", "n_train"[, "cv"]}}, "preprocess",
-    "variant", "solver", "time_s"}`` (accuracies in %; for ``"msn"``, ``l2`` holds the lambda of
+    "variant", "solver", "time_s"}`` (accuracies in %; for ``"logistic_eval"``, ``l2`` holds the lambda of
     each fit); ``std`` is the sample std over splits (ddof=1).
     """
     t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def lowshot_logreg(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if variant == "msn":
+    if variant == "logistic_eval":
         solver = ("cyanure" if have_cyanure() else "lbfgs") if solver == "auto" else solver
         if solver == "cyanure" and not have_cyanure():
             raise ImportError("solver='cyanure' needs cyanure (pip install 'visrep[lowshot]')")
@@ -308,7 +308,7 @@ def lowshot_logreg(
     return dict(settings=out, preprocess=preprocess, variant=variant, solver=solver, time_s=time.perf_counter() - t0)
 
 
-def fit_msn(x: Tensor, y: Tensor, num_classes: int, lambd: float, solver: str, n_threads: int = 1) -> Tensor:
+def fit_logistic_eval(x: Tensor, y: Tensor, num_classes: int, lambd: float, solver: str, n_threads: int = 1) -> Tensor:
     """``W`` of MSN's problem (no intercept, penalty ``lambd / 2 ||W||^2``) with ``solver``
     ``"cyanure"`` (the official fit) or ``"lbfgs"`` (the exact optimum, to ~1e-10)."""
     if solver == "cyanure":
@@ -342,9 +342,9 @@ def _lowshot(train_feats, train_labels, test_feats, test_labels, *, settings, n_
             idx = idx.to(device)
             xs, ys = x_tr[idx], y_tr[idx]
             n_train = int(idx.numel())
-            if variant == "msn":
+            if variant == "logistic_eval":
                 lambd = msn_lambda / n_train       # logistic_eval.py: lambd /= len(embs)
-                w = fit_msn(xs, ys, num_classes, lambd, solver, n_threads)
+                w = fit_logistic_eval(xs, ys, num_classes, lambd, solver, n_threads)
                 accs.append(_accuracy(x_te, y_te, w, torch.zeros(num_classes, dtype=w.dtype, device=w.device)))
                 l2s.append(lambd)
                 continue

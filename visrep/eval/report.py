@@ -67,7 +67,7 @@ def _run_one(protocol: str, kwargs: Mapping[str, Any], fs: dict[str, Tensor]) ->
         rows = {label or "linear probe": {"value": raw["test_acc"], "std": None}}
     elif protocol == "lowshot":
         raw = lowshot_logreg(*args, **kwargs)
-        label = label or ("low-shot" if raw["variant"] == "msn" else f"low-shot ({raw['variant']})")
+        label = label or ("low-shot" if raw["variant"] == "logistic_eval" else f"low-shot ({raw['variant']})")
         rows = {f"{label} {name}": {"value": r["mean"], "std": r["std"] if len(r["accs"]) > 1 else None}
                 for name, r in raw["settings"].items()}
     else:
@@ -175,7 +175,7 @@ def describe_protocols(cfg: Any) -> list[str]:
                          "swept and selected on a 10 % validation split (visrep's probe; the input is each "
                          "method's, see features)")
         elif name == "lowshot":
-            if kw.get("variant", "msn") == "msn":
+            if kw.get("variant", "logistic_eval") == "logistic_eval":
                 notes.append("low-shot: MSN's logistic_eval.py (rows centred + L2-normalised, no intercept, "
                              "lambda = 2.5e-4 / N, cyanure or L-BFGS to its optimum), mean ± std over "
                              f"{kw.get('n_splits', 3)} splits")
