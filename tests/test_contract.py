@@ -199,6 +199,12 @@ def test_features_shape(trained):
     assert type(baseline) is type(method) and not baseline.training
     assert baseline.features(images).shape == feats.shape
     assert method.feature_description
+    # the seed picks the init: the run's own by default, another one on request (averaged baselines)
+    first = dict(baseline.state_dict())
+    same, other = method.random_init_baseline(seed=cfg.train.seed), method.random_init_baseline(seed=cfg.train.seed + 1)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in first.items())
+    assert any(v.is_floating_point() and v.numel() > 1 and not torch.equal(v, other.state_dict()[k])
+               for k, v in first.items())
 
 
 def test_a_method_declares_its_own_protocol_and_the_runner_finds_it(tmp_path):

@@ -68,7 +68,7 @@ def cmd_bench(args) -> int:
     from visrep.bench import bench
 
     bench(args.recipes or None, minutes=args.minutes, steps=args.steps, out_dir=args.out, overrides=args.overrides,
-          data_root=args.data_root)
+          data_root=args.data_root, readme=args.readme)
     return 0
 
 
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="output folder (finished runs in it are reused)")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every recipe")
+    p.add_argument("--readme", default=None, help="also write the table into this Markdown file, between its "
+                                                  "'<!-- bench:start -->' and '<!-- bench:end -->' lines")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("curate", help="deduplicate / retrieve / cluster-balance a training set; write a file list "

@@ -242,10 +242,11 @@ class Method(nn.Module):
         """Modules ``visrep export`` can write (the first is the default), with rebuild metadata."""
         return {"encoder": Export(self.eval_module(), module_metadata(self.eval_module()))}
 
-    def random_init_baseline(self) -> Method:
-        """The same architecture, untrained (seeded by ``train.seed``), for side-by-side evaluation."""
+    def random_init_baseline(self, seed: int | None = None) -> Method:
+        """The same architecture, untrained, for side-by-side evaluation: initialised with ``seed``
+        (default ``train.seed``, the pretrained run's own initial weights)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.run_cfg.train.seed)
+            torch.manual_seed(self.run_cfg.train.seed if seed is None else seed)
             return type(self)(self.run_cfg, self.data_info).eval()
 
     def finetune_network(self) -> FeatureNetwork:
