@@ -25,6 +25,7 @@ def test_bench_runs_each_recipe_once_marks_labels_and_resumes(tmp_path, monkeypa
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert lines[1].startswith("| msn/tiny |") and lines[2].startswith("| paws/tiny (saw labels) |")
     assert lines[3].startswith("| raw pixels |")
+    assert "- msn/tiny: " in table and "low-shot logistic_eval" in table  # which features made each row
     assert json.loads((out / "bench.json").read_text())[1]["saw_labels"] == "PAWS's labelled supports"
 
     def no_child(*a, **kw):

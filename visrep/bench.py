@@ -126,6 +126,10 @@ def format_bench(records: list[dict], budget: str) -> str:
         ref = records[0]["results"]
         cells = " | ".join(_value(ref, row, "raw pixels") for row, _ in COLUMNS)
         lines.append(f"| raw pixels | {cells} | | | | |")
+    lines += ["", "Features each row was probed with (k-NN: cosine, T 0.07, weighted vote; linear: the method's "
+              "features; low-shot: the named logistic-regression variant):", ""]
+    lines += [f"- {r['recipe']}: {r['train'].get('features', '?')}; low-shot {r['train'].get('lowshot_variant', '?')}"
+              for r in ordered]
     lines += ["", "Random init (the same architecture, untrained) per recipe is in each run's results.md.",
               "Rows marked (saw labels) used labels during pretraining: "
               + "; ".join(sorted({f"{r['recipe']}: {r['saw_labels']}" for r in records if r["saw_labels"]}) or "none")

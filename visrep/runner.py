@@ -315,5 +315,6 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
         cfg, out_dir, title=f"visrep demo: {cfg.method.name} on {cfg.data.name}", notes=notes)
     (Path(out_dir) / "train_result.json").write_text(json.dumps(
         {"step": result.step, "stopped_by": result.stopped_by, "images_per_sec": result.images_per_sec,
-         "train_minutes": train_minutes, "health": result.health}, indent=2))
+         "train_minutes": train_minutes, "health": result.health, "features": method.feature_description,
+         "lowshot_variant": cfg.eval.lowshot_variant}, indent=2))
     return results
