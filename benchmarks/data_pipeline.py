@@ -26,9 +26,12 @@ beside it; "loader workers only" counts our decode + views + collate alone (on a
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `import visrep` does (before torch: read once); both sides
+
 import argparse
 import importlib.util
-import os
 import sys
 import tempfile
 import time

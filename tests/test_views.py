@@ -88,6 +88,40 @@ def test_full_pipeline_matches_torchvision(channels):
     assert out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("kernel", [7, 15])  # 15: a CPU sums shifted copies instead of convolving
+def test_long_blur_matches_torchvision(kernel):
+    x = _images(b=4, h=40, w=33)
+    spec = PhotometricSpec(blur_kernel_size=kernel)
+    p = _identity(4)
+    p[:, PARAM_NAMES.index("blur_sigma")] = torch.tensor([0.1, 0.7, 2.0, 3.5])
+    ref = torch.stack([_tv_reference(x[i], p[i], spec) for i in range(4)])
+    torch.testing.assert_close(apply_params(x, p, spec), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_photometric_views_in_cpu_chunks_equal_one_batch(channels, monkeypatch):
+    """The CPU path (chunks of view-major rows through the cache, uint8 converted per chunk) gives the
+    values of the one-batch path, whatever the chunk size (here chunks that split views)."""
+    from visrep.data import views as V
+    from visrep.models.vit import Normalize
+
+    g = torch.Generator().manual_seed(5)
+    crops = torch.randint(0, 256, (5, 3, channels, 20, 18), dtype=torch.uint8, generator=g)
+    norm = Normalize((0.4,) * channels, (0.2,) * channels)
+    params = sample_params(15, ALL_ON, torch.Generator().manual_seed(6), channels=channels)
+    flat = V._photometric_views_flat(crops, params, ALL_ON, norm)
+    for rows in (1, 2, 4, 15):
+        monkeypatch.setattr(V, "_CHUNK_VALUES", rows * channels * 20 * 18)
+        out = V._photometric_views_cpu(crops, params, ALL_ON, norm)
+        assert out.shape == crops.shape and out.dtype == torch.float32 and out.is_contiguous()
+        torch.testing.assert_close(out, flat, atol=1e-6, rtol=0)
+        torch.testing.assert_close(V._photometric_views_cpu(crops.float() / 255, params, ALL_ON, norm), flat,
+                                   atol=1e-6, rtol=0)
+    # the public function: the same draws (view-major) as sample_params
+    out = V.photometric_views(crops, ALL_ON, norm, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(out, flat, atol=1e-6, rtol=0)
+
+
 def test_blur_kernel_size():
     assert blur_kernel_size(SOURCE, 224, 224) == 23
     assert blur_kernel_size(SOURCE, 32, 32) == 3

@@ -77,11 +77,15 @@ def batch_crops(images: Tensor, specs: dict[str, CropSpec], generator: torch.Gen
     return out
 
 
-def take_crops(batch: dict, specs: dict[str, CropSpec], generator: torch.Generator) -> dict[str, Tensor]:
+def take_crops(batch: dict, specs: dict[str, CropSpec], generator: torch.Generator,
+               as_float: bool = True) -> dict[str, Tensor]:
     """A batch's views as float [0, 1] ``[B, count, C, size, size]``: the workers' (``batch["crops"]``,
-    file datasets) or cut here from the full images (``batch["image"]``, in-memory datasets)."""
+    file datasets) or cut here from the full images (``batch["image"]``, in-memory datasets).
+    ``as_float=False`` leaves the workers' ``uint8`` views as they are (for
+    :func:`visrep.data.views.photometric_views`, which converts them chunk by chunk)."""
     if "crops" in batch:
-        return {k: v.float().div_(255.0) if not v.is_floating_point() else v for k, v in batch["crops"].items()}
+        return {k: v.float().div_(255.0) if as_float and not v.is_floating_point() else v
+                for k, v in batch["crops"].items()}
     return batch_crops(batch["image"], specs, generator)
 
 

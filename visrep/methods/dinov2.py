@@ -197,7 +197,7 @@ class DINOv2(Method):
         """Global crops ``[B, 2, C, S, S]`` (each with its own photometric spec), local crops ``[B, n_local,
         C, s, s]`` and iBOT masks ``[B, 2, N]`` (sample-major, so any split of the batch keeps each sample's
         views)."""
-        crops = take_crops(batch, self.streams()["main"].crops, generator)
+        crops = take_crops(batch, self.streams()["main"].crops, generator, as_float=False)
         out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
         glob = torch.stack([photometric_views(crops["global_crops"][:, i:i + 1], spec, self.normalize, generator)[:, 0]
                             for i, spec in enumerate(self.global_specs)], dim=1)

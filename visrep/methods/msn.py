@@ -149,7 +149,7 @@ class MSN(Method):
         return {"main": StreamSpec(crops=crops)}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        crops = take_crops(batch, self.streams()["main"].crops, generator)
+        crops = take_crops(batch, self.streams()["main"].crops, generator, as_float=False)
         views = {k: photometric_views(v, self.spec, self.normalize, generator) for k, v in crops.items()}
         out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
         out.update(target=views["rand"][:, 0], anchors=views["rand"][:, 1:])

@@ -134,7 +134,7 @@ class PAWS(Method):
 
         def views(b: dict, stream: str) -> dict[str, Tensor]:
             return {k: photometric_views(v, self.spec, self.normalize, generator)
-                    for k, v in take_crops(b, streams[stream].crops, generator).items()}
+                    for k, v in take_crops(b, streams[stream].crops, generator, as_float=False).items()}
 
         out = {k: v for k, v in batch.items() if k not in ("image", "crops")}
         out.update(views(batch, "main"))
