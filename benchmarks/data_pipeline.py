@@ -225,6 +225,16 @@ def run_official(off: Official, paths: list[str], side: Side) -> None:
     side.images += len(paths)
 
 
+def run_decode(paths: list[str], side: Side) -> None:
+    """PIL decode alone (as the official loader): what any pipeline that decodes the full image pays per
+    image, so ``official / decode`` bounds the ratio a faster pipeline can reach."""
+    c0 = time.process_time()
+    for p in paths:
+        pil_loader(p).load()
+    side.cpu += time.process_time() - c0
+    side.images += len(paths)
+
+
 def describe_views(method) -> str:
     crops = method.streams()["main"].crops
     return " + ".join(f"{s.count} x {s.size}" for s in crops.values())
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"give the official checkouts of {missing} (or --no-official)")
         official = {n: official_pipeline(n, m, args) for n, m in methods.items()}
     res = {n: {"ours": Side(), "official": Side()} for n in methods}
+    decode = Side()
     load0 = os.getloadavg()
     for n, m in methods.items():  # warm-up: a few images each side, not timed
         run_ours(n, m, ours[n], list(range(2)), 0, Side())
@@ -280,24 +291,28 @@ def main(argv: list[str] | None = None) -> dict:
                     run_ours(n, m, ours[n], idx, r + 1, res[n]["ours"])
                 elif n in official:
                     run_official(official[n], [paths[i] for i in idx], res[n]["official"])
+        run_decode([paths[i] for i in idx], decode)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     print(f"\n{len(paths)} JPEGs (500x375 / 375x500, q90), batch {args.batch}, {args.rounds} rounds, 1 thread; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after on {os.cpu_count()} cores; "
           f"torch {torch.__version__}\n")
+    print(f"PIL decode alone: {decode.rate():.1f} img/s/core (the ceiling of any pipeline that decodes the full "
+          "image; 'bound' = the ratio a pipeline doing nothing but that decode would reach)\n")
     print("| method | views | ours img/s/core | official img/s/core | ratio | ours, loader workers only "
-          "(prepare_batch on the GPU) | ratio | ours / official wall img/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+          "(prepare_batch on the GPU) | ratio | bound | ours / official wall img/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     table = {}
     for n, m in methods.items():
         o, f = res[n]["ours"], res[n]["official"]
         frate = f.rate() if f.images else float("nan")
         worker = o.images / max(o.parts["worker"], 1e-9)
+        bound = decode.rate() / frate
         table[n] = dict(ours=o.rate(), official=frate, ratio=o.rate() / frate, workers_only=worker,
-                        workers_only_ratio=worker / frate)
+                        workers_only_ratio=worker / frate, decode_bound=bound)
         fwall = f.rate(wall=True) if f.images else float("nan")
         print(f"| {n} | {describe_views(m)} | {o.rate():.1f} | {frate:.1f} | {o.rate() / frate:.2f}x | {worker:.1f} "
-              f"| {worker / frate:.2f}x | {o.rate(wall=True):.1f} / {fwall:.1f} |")
+              f"| {worker / frate:.2f}x | {bound:.2f}x | {o.rate(wall=True):.1f} / {fwall:.1f} |")
     if tmp is not None:
         tmp.cleanup()
     return table

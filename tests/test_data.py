@@ -357,6 +357,24 @@ def test_rrc_boxes_in_range():
     assert x1.float().std() > 1 and y1.float().std() > 1
 
 
+def test_rrc_boxes_host_path_equals_vectorised():
+    """A worker's few views take the boxes in Python floats: the same draws and float64 arithmetic as the
+    vectorised path, hence the same boxes (fallbacks included: a 20 x 200 strip has no valid attempt
+    at scale 0.9-1.0 within 3/4-4/3)."""
+    from visrep.data.transforms import _rrc_boxes, _rrc_boxes_host, sample_rrc_boxes_host
+
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        for H, W, scale in ((375, 500, (0.3, 1.0)), (500, 333, (0.05, 0.32)), (20, 200, (0.9, 1.0)),
+                            (28, 28, (0.1, 0.4))):
+            u = torch.rand(4, 3, 10, generator=g, dtype=torch.float64)
+            ratio = (3 / 4, 4 / 3)
+            assert torch.equal(_rrc_boxes_host(u.tolist(), H, W, scale, ratio), _rrc_boxes(u, H, W, scale, ratio))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    host = sample_rrc_boxes_host(5, 375, 500, (0.3, 1.0), generator=g1)
+    assert host == sample_rrc_boxes(5, 375, 500, (0.3, 1.0), generator=g2).tolist()
+
+
 class _CountOps(TorchDispatchMode):
     """Counts the aten ops dispatched inside the ``with`` block (a Python loop over samples multiplies them)."""
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from .transforms import batch_random_resized_crop, sample_rrc_boxes
+from .transforms import batch_random_resized_crop, sample_rrc_boxes_host
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class CropViews:
                 image = image.contiguous(memory_format=torch.channels_last)
         out = {}
         for name, s in self.specs.items():
-            boxes = sample_rrc_boxes(s.count, H, W, s.scale, s.ratio, generator).tolist()
+            boxes = sample_rrc_boxes_host(s.count, H, W, s.scale, s.ratio, generator)
             flips = (torch.rand(s.count, generator=generator) < 0.5).tolist() if s.hflip else [False] * s.count
             views = torch.empty(s.count, *image.shape[-3:-2], s.size, s.size, dtype=image.dtype)
             for j, ((x1, y1, x2, y2), flip) in enumerate(zip(boxes, flips)):

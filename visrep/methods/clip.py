@@ -115,7 +115,7 @@ class VisionLanguage(Method):
                                    crops={"image": CropSpec(self.image_size, 1, tuple(self.cfg.crop_scale))})}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
+        images = take_crops(batch, self.streams()["main"].crops, generator, as_float=False)["image"][:, 0]
         captions = batch["caption"]
         if any(not c for c in captions):
             raise ValueError("every image needs at least one caption")

@@ -179,16 +179,17 @@ class JEPA(Method):
         return {"main": StreamSpec(crops={"image": CropSpec(self.image_size, 1, tuple(self.cfg.crop_scale),
                                                             hflip=self.cfg.hflip)})}
 
-    def crop(self, batch: dict, generator: torch.Generator) -> Tensor:
-        """The batch's crops, float [0, 1] ``[B, C, S, S]``."""
-        return take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
+    def crop(self, batch: dict, generator: torch.Generator, as_float: bool = True) -> Tensor:
+        """The batch's crops, float [0, 1] ``[B, C, S, S]`` (``as_float=False``: the workers' stay uint8)."""
+        return take_crops(batch, self.streams()["main"].crops, generator, as_float=as_float)["image"][:, 0]
 
     def augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Batch augmentation after the crop, on float [0, 1] images (I-JEPA: none)."""
+        """Batch augmentation after the crop, on uint8 (the workers') or float [0, 1] images; either may
+        come out, ``normalize`` takes both (I-JEPA: none)."""
         return images
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = self.normalize(self.augment(self.crop(batch, generator), generator))
+        images = self.normalize(self.augment(self.crop(batch, generator, as_float=False), generator))
         masks_enc, masks_pred = self.sample_masks(images.size(0), generator)
         return {**batch, "image": images, "masks_enc": masks_enc, "masks_pred": masks_pred}
 

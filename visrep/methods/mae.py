@@ -151,7 +151,8 @@ class MAE(Method):
         return {"main": StreamSpec(crops={"image": CropSpec(self.image_size, 1, tuple(m.crop_scale), hflip=m.hflip)})}
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        images = self.normalize(take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0])
+        crops = take_crops(batch, self.streams()["main"].crops, generator, as_float=False)
+        images = self.normalize(crops["image"][:, 0])
         keep, masked = random_masking(images.size(0), self.encoder.grid[0] * self.encoder.grid[1],
                                       self.cfg.mask_ratio, generator)
         return {**batch, "image": images, "keep": keep, "masked": masked}

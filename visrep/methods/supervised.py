@@ -106,9 +106,11 @@ class Supervised(Method):
         m, labels = self.cfg, batch["label"]
         if (labels < 0).any():
             raise ValueError("supervised training got images without labels (label -1)")
-        images = take_crops(batch, self.streams()["main"].crops, generator)["image"][:, 0]
+        images = take_crops(batch, self.streams()["main"].crops, generator, as_float=False)["image"][:, 0]
         if m.randaugment:  # on the crop, as timm's transform (both data paths)
-            images = self.randaugment((images * 255).round().to(torch.uint8), generator)
+            if images.dtype != torch.uint8:
+                images = (images * 255).round().to(torch.uint8)
+            images = self.randaugment(images, generator)
         images = self.normalize(images)
         if self.mixer is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -525,9 +525,20 @@ class Normalize(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         images = images.to(self.mean.device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
+        if images.dtype == torch.uint8:  # our own float copy, normalised in place (the same values)
+            if images.device.type == "cpu" and images.dim() >= 4 and images.numel() > 1 << 20:
+                return self._normalize_uint8_cpu(images)
+            return images.float().div_(255).sub_(self.mean).div_(self.std)
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def _normalize_uint8_cpu(self, images: Tensor) -> Tensor:
+        """Chunks of about 1M values, each converted and normalised while in the cache: one pass over
+        memory instead of four (on a CPU, a decoded batch is memory-bound)."""
+        out = torch.empty(images.shape, dtype=torch.float32)
+        rows = max(1, (1 << 20) // max(1, images[0].numel()))
+        for i in range(0, images.shape[0], rows):
+            out[i:i + rows].copy_(images[i:i + rows]).div_(255).sub_(self.mean).div_(self.std)
+        return out
 
 
 def encode_views(encoder: nn.Module, views: Sequence[Tensor], idx_keep: Tensor | None = None,
