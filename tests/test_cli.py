@@ -137,3 +137,19 @@ def test_train_subset_of_a_folder_keeps_what_the_dataset_tells(tmp_path):
     assert (info.in_chans, info.num_classes, info.classes) == (3, 2, ("class0", "class1"))
     ds.transform = uint8_eval_transform(16)  # reaches the wrapped folder
     assert ds[0][0].shape == (3, 16, 16) and ds.dataset.transform is ds.transform
+
+
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_import_turns_on_huge_pages_for_torch_unless_set(given, expected):
+    """`import visrep` before torch sets THP_MEM_ALLOC_ENABLE=1 (2 MiB pages for PyTorch's large CPU
+    tensors); a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, visrep; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
+                         env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == expected
