@@ -103,6 +103,10 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Confi
 
 
 # -- evaluation --------------------------------------------------------------------------------------
+def _pixel_count(info) -> int:
+    return info.in_chans * info.image_size * info.image_size
+
+
 def raw_pixel_features(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1).float() / 255.0
 
@@ -308,7 +312,8 @@ def demo(minutes: float = 10.0, out_dir: str = "runs/demo", data_root: str | Non
         f"{result.calibration_seconds:.0f} s (not counted in the budget), set-up (data, model) "
         f"{max(0.0, train_minutes * 60 - result.elapsed - result.calibration_seconds):.0f} s; evaluation follows",
         f"features: {method.feature_description}; random init: same architecture, untrained; "
-        "raw pixels: the 784 pixel values in [0, 1]",
+        f"raw pixels: the {_pixel_count(method.data_info)} pixel values of the {method.image_size} px training "
+        "images in [0, 1]",
     ]
     results, table = evaluate_feature_sets(
         {"pretrained": method.features, "random init": random_init.features, "raw pixels": raw_pixel_features},
