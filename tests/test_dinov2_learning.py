@@ -42,9 +42,10 @@ def test_dinov2_beats_random_init_on_knn(tmp_path):
         fte, _ = extract_features(m.features, xte, yte, progress=False)
         acc[name] = knn_classify(ftr, ytr, fte, yte, ks=(20,))[20]
     print(f"dinov2: k-NN@20 pretrained {acc['pretrained']:.2f} vs random init {acc['random']:.2f}")
-    # over seeds 0, 1, 2 (one thread, two runs at a time; 56, 55, 58 s), with the recipe's teacher temperatures
-    # 0.02 -> 0.03 and Sinkhorn-Knopp: pretrained 69.42 / 64.12 / 66.30 (std 2.67), gain 58.96 / 55.82 / 56.96
-    # (std 1.59); each bound = smallest - 3 x std, rounded down. (Before that recipe change: pretrained
-    # 67.90 / 64.44 / 65.60, gain 57.44 / 56.14 / 56.26.)
-    assert acc["pretrained"] >= acc["random"] + 51.0, acc
+    # over seeds 0, 1, 2 (one thread, one run at a time beside two others; 80, 80, 70 s), with the recipe's
+    # schedule ends (lr flat after the warm-up, weight decay to 0.13, momentum to 0.9925): pretrained
+    # 69.84 / 64.62 / 66.88 (std 2.62), gain 59.36 / 56.94 / 57.54 (std 1.26); each bound = smallest - 3 x std,
+    # rounded down (53.1 -> 53.0; 56.8 -> 56.0). Before (the previous schedule ends): pretrained
+    # 69.42 / 64.12 / 66.30, gain 58.96 / 55.82 / 56.96; before the sharper temperatures: 67.90 / 64.44 / 65.60.
+    assert acc["pretrained"] >= acc["random"] + 53.0, acc
     assert acc["pretrained"] >= 56.0, acc
