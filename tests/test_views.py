@@ -115,8 +115,10 @@ def test_photometric_views_in_cpu_chunks_equal_one_batch(channels, monkeypatch):
         out = V._photometric_views_cpu(crops, params, ALL_ON, norm)
         assert out.shape == crops.shape and out.dtype == torch.float32 and out.is_contiguous()
         torch.testing.assert_close(out, flat, atol=1e-6, rtol=0)
-        torch.testing.assert_close(V._photometric_views_cpu(crops.float() / 255, params, ALL_ON, norm), flat,
-                                   atol=1e-6, rtol=0)
+        floats = crops.float() / 255
+        before = floats.clone()
+        torch.testing.assert_close(V._photometric_views_cpu(floats, params, ALL_ON, norm), flat, atol=1e-6, rtol=0)
+        assert torch.equal(floats, before)  # the caller's views are left as they were
     # the public function: the same draws (view-major) as sample_params
     out = V.photometric_views(crops, ALL_ON, norm, torch.Generator().manual_seed(6))
     torch.testing.assert_close(out, flat, atol=1e-6, rtol=0)

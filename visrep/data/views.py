@@ -458,7 +458,7 @@ def _photometric_views_cpu(crops: Tensor, params: Tensor, spec: PhotometricSpec,
         r1 = min(n * B, r0 + rows)
         pieces = [(j, max(r0 - j * B, 0), min(r1 - j * B, B)) for j in range(r0 // B, (r1 - 1) // B + 1)]
         x = torch.cat([crops[lo:hi, j] for j, lo, hi in pieces])
-        x = x.to(torch.float32).div_(255.0) if not x.is_floating_point() else x.clone()
+        x = x.to(torch.float32).div_(255.0) if not x.is_floating_point() else x  # cat made it our own
         y = _apply(x, params[r0:r1], spec, ops, owned=True)
         if fast_norm:  # Normalize's (x - mean) / std, in place on our own chunk
             y = y.sub_(normalize.mean).div_(normalize.std)
