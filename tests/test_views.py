@@ -253,3 +253,12 @@ def test_spec_validation():
     with pytest.raises(ValueError):
         PhotometricSpec(blur_kernel_size=4)
     assert SOURCE.solarize_p == 0.1 and TARGET.grayscale_p == 0 and TARGET.jitter_p == 0.8
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 2, 4, 8, 8)])
+def test_photometric_views_names_the_expected_shape(shape):
+    from visrep.data.views import photometric_views
+    from visrep.models.vit import Normalize
+
+    with pytest.raises(ValueError, match=r"\[B, n, C, s, s\] with C = 1 or 3"):
+        photometric_views(torch.zeros(shape), ALL_ON, Normalize((0.5,) * 3, (0.5,) * 3), torch.Generator())

@@ -513,9 +513,9 @@ def photometric_views(crops: Tensor, spec: PhotometricSpec, normalize: nn.Module
     [0, 1], from :func:`visrep.data.crops.take_crops`) in one batched call, view-major draws; same shape
     out, float (per-sample leading dim, so sharding a batch shards its views). On a CPU the work goes
     chunk by chunk through the cache (the same values)."""
-    B, n, C = crops.shape[:3]
-    if crops.dim() != 5 or C not in (1, 3):
+    if crops.dim() != 5 or crops.shape[2] not in (1, 3):
         raise ValueError(f"views must be [B, n, C, s, s] with C = 1 or 3, got {tuple(crops.shape)}")
+    B, n, C = crops.shape[:3]
     params = sample_params(n * B, spec, generator, channels=C)
     if crops.device.type == "cpu" and params.device.type == "cpu" and crops.numel() > 0:
         return _photometric_views_cpu(crops, params, spec, normalize)
