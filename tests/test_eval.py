@@ -483,25 +483,34 @@ def test_knn_default_ks_and_small_sets():
     assert res["rows"] == ["k-NN k=10", "k-NN k=20", "k-NN k=100"]
 
 
-@pytest.mark.parametrize("blocks", [1, 4])
-def test_dinov2_protocols_read_the_official_features(tmp_path, blocks, monkeypatch):
-    """DINOv2: the linear rows read eval/linear.py's input ([CLS] of the last eval.probe_blocks blocks + patch
-    average), k-NN and low-shot the [CLS] (knn.py / log_regression.py); the runner extracts both and says so."""
+@pytest.mark.parametrize("blocks,pools,depth", [([1, 4], [False, True], 4), ([1, 4], [False, True], 3),
+                                               ([2], [True], 4), ([4, 1], [True, False], 4)])
+def test_dinov2_protocols_read_the_official_features(tmp_path, blocks, pools, depth, monkeypatch):
+    """DINOv2: the linear probe sweeps eval/linear.py's inputs ([CLS] of the last n blocks, with or without the
+    patch average; n above the depth is the depth) and keeps the best on validation; k-NN and low-shot read the
+    [CLS] (knn.py / log_regression.py); the runner extracts both and says which input it kept."""
     from test_contract import build, tiny_config
 
     import visrep.eval
     import visrep.runner as runner
     from visrep.eval import linear_input
 
-    cfg = tiny_config("dinov2", tmp_path, "model.depth=4", f"eval.probe_blocks={blocks}", "eval.linear_epochs=1",
-                      "eval.lowshot_shots=[1]", "eval.lowshot_seeds=1", "eval.knn_k=[3]")
+    cfg = tiny_config("dinov2", tmp_path, f"model.depth={depth}", f"eval.probe_blocks={blocks}",
+                      f"eval.probe_avgpool={pools}", "eval.linear_epochs=1", "eval.lowshot_shots=[1]",
+                      "eval.lowshot_seeds=1", "eval.knn_k=[3]")
     method, ds = build(cfg)
     method.eval()
-    x = ds.tensors()[0][:5]
+    x, dim = ds.tensors()[0][:5], cfg.model.embed_dim
     fn, about = method.probe_features("linear")
-    want = linear_input(method.eval_module(), method.normalize(x), blocks)
-    assert torch.equal(fn(x), want) and want.shape[1] == (blocks + 1) * cfg.model.embed_dim
-    assert f"last {blocks} block" in about
+    used = list(dict.fromkeys(min(n, depth) for n in blocks))
+    widest = fn(x)
+    assert widest.shape[1] == (max(used) + any(pools)) * dim
+    assert list(fn.columns) == [f"{n}_blocks_avgpool_{p}" for n in used for p in pools]  # the official order
+    for n in used:  # every input is the official create_linear_input, read out of the widest one
+        for p in pools:
+            want = linear_input(method.eval_module(), method.normalize(x), n, p)
+            assert torch.equal(widest[:, fn.columns[f"{n}_blocks_avgpool_{p}"]], want)
+    assert f"last {' / '.join(map(str, used))} blocks" in about and ("above the depth" in about) == (depth < 4)
     for protocol in ("knn", "lowshot"):
         assert method.probe_features(protocol) == (method.features, method.feature_description)
     seen = {}
@@ -512,8 +521,34 @@ def test_dinov2_protocols_read_the_official_features(tmp_path, blocks, monkeypat
         return real(feats, eval_cfg, verbose=False)
 
     monkeypatch.setattr(visrep.eval, "run_protocols", spy)  # (the runner imports it when it runs)
-    _, table = runner.evaluate_feature_sets({"pretrained": method.features}, cfg, notes=["n"])
+    results, table = runner.evaluate_feature_sets({"pretrained": method.features}, cfg, notes=["n"])
     fs = seen["pretrained"]
-    assert fs["linear"][0].shape[1] == (blocks + 1) * cfg.model.embed_dim
-    assert fs["default"][0].shape[1] == cfg.model.embed_dim
-    assert "pretrained, linear: DINOv2 linear input" in table and "low-shot: MSN's logistic_eval.py" in table
+    swept = fs["linear"]["linear_inputs"]
+    assert fs["linear"]["train_feats"].shape[1] == widest.shape[1] and list(swept) == list(fn.columns)
+    assert all(torch.equal(swept[k], fn.columns[k]) for k in swept)
+    assert fs["default"][0].shape[1] == dim
+    kept = next(r["result"]["best"] for r in results["details"]["pretrained"] if r["protocol"] == "linear")
+    assert kept["input"] in fn.columns and f"pretrained, linear: kept {kept['input']}" in table
+    assert "pretrained, linear: DINOv2 linear inputs" in table and "low-shot: MSN's logistic_eval.py" in table
+
+
+def test_linear_probe_keeps_the_input_best_on_validation():
+    """linear_probe(inputs=...): each input is probed as alone (same split, order, seed) and the one whose best
+    configuration is best on validation is kept, as eval/linear.py keeps its best classifier."""
+    from visrep.eval import linear_probe
+
+    xtr, ytr, xte, yte = clusters(n_train_per_class=60)
+    g = torch.Generator().manual_seed(1)
+    noise = lambda n: torch.randn(n, 8, generator=g)  # noqa: E731
+    wide_tr, wide_te = torch.cat([noise(len(xtr)), xtr], 1), torch.cat([noise(len(xte)), xte], 1)
+    cols = {"noise": torch.arange(8), "signal": torch.arange(8, wide_tr.shape[1]),
+            "both": torch.arange(wide_tr.shape[1])}
+    kw = dict(epochs=3, lrs=(0.01, 0.1))
+    out = linear_probe(wide_tr, ytr, wide_te, yte, inputs=cols, **kw)
+    alone = {k: linear_probe(wide_tr[:, c], ytr, wide_te[:, c], yte, **kw) for k, c in cols.items()}
+    assert out["inputs"] == {k: r["best"]["val_acc"] for k, r in alone.items()}
+    want = max(alone, key=lambda k: alone[k]["best"]["val_acc"])
+    assert out["best"]["input"] == want != "noise" and out["test_acc"] == alone[want]["test_acc"]
+    assert len(out["table"]) == 3 * 2 and {r["input"] for r in out["table"]} == set(cols)
+    with pytest.raises(ValueError, match="columns must lie"):
+        linear_probe(wide_tr, ytr, wide_te, yte, inputs={"x": torch.tensor([99])}, **kw)

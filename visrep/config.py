@@ -128,7 +128,10 @@ class EvalConfig:
                                      # T 0.07, weighted vote); a k above the training-set size is left out
     knn_temperature: float = 0.07
     linear_epochs: int = 20
-    probe_blocks: int = 1            # DINOv2 linear input: [CLS] of the last n blocks (1 or 4) + patch average
+    # DINOv2's linear probe (eval/linear.py): one classifier per (the [CLS] of the last n blocks, with or
+    # without the patch average) pair, the best on validation kept; n above the depth is the depth
+    probe_blocks: list[int] = field(default_factory=lambda: [1, 4])
+    probe_avgpool: list[bool] = field(default_factory=lambda: [False, True])
     lowshot_shots: list[int] = field(default_factory=lambda: [1, 2, 5])
     lowshot_fraction: float = 0.01
     lowshot_seeds: int = 3
@@ -315,7 +318,10 @@ def _migrate(tree: dict) -> dict:
                 tree["method"] = {nkey: value, **(tree.get("method") or {})}
     ev = tree.get("eval") or {}
     if ev.get("lowshot_variant") == "msn":  # renamed after the protocol's script, not the method
-        tree["eval"] = {**ev, "lowshot_variant": "logistic_eval"}
+        tree["eval"] = ev = {**ev, "lowshot_variant": "logistic_eval"}
+    for key in ("probe_blocks", "probe_avgpool"):  # one value (probe_blocks was one number): a sweep of one
+        if isinstance(ev.get(key), (int, bool)):
+            tree["eval"] = ev = {**ev, key: [ev[key]]}
     return tree
 
 

@@ -140,8 +140,17 @@ def evaluate_feature_sets(feature_fns: dict[str, Callable[[torch.Tensor], torch.
             ftr, ltr = extract_features(f, xtr, ytr, desc=f"{desc} train", **kw)
             fte, lte = extract_features(f, xte, yte, desc=f"{desc} test", **kw)
             done[key] = (ftr, ltr, fte, lte)
+            if getattr(f, "columns", None) is not None:  # a SweptInput: the probe sweeps its input
+                done[key] = dict(zip(("train_feats", "train_labels", "test_feats", "test_labels"), done[key]),
+                                 linear_inputs=f.columns)
         feats[name] = done["default"] if len(done) == 1 else done
     results = run_protocols(feats, cfg.eval)
+    for name, runs in results["details"].items():  # which swept input each linear probe kept
+        for run in runs:
+            best = run["result"]["best"] if run["protocol"] == "linear" else {}
+            if "input" in best:
+                notes.append(f"{name}, linear: kept {best['input']} (validation {best['val_acc']:.1f}; "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in run["result"]["inputs"].items()) + ")")
     table = format_table(results, title=title, notes=notes)
     print(table)
     if out_dir is not None:

@@ -13,7 +13,15 @@ Typical use::
     print(format_markdown(results))
     write_results(results, "runs/eval")
 """
-from .features import extract_features, extract_train_test, linear_input, load_feature_cache, save_feature_cache
+from .features import (
+    SweptInput,
+    extract_features,
+    extract_train_test,
+    linear_input,
+    linear_input_columns,
+    load_feature_cache,
+    save_feature_cache,
+)
 from .knn import knn_classify
 from .linear import linear_probe, standardize
 from .lowshot import fit_logreg, lowshot_logreg, lowshot_splits, preprocess_features, select_l2_by_cv
@@ -38,6 +46,8 @@ __all__ = [
     "format_table",
     "knn_classify",
     "linear_input",
+    "linear_input_columns",
+    "SweptInput",
     "linear_probe",
     "load_feature_cache",
     "lowshot_logreg",

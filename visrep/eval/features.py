@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,38 @@ def linear_input(vit: nn.Module, x: Tensor, n_blocks: int = 1, avgpool: bool = T
     if avgpool:
         out = torch.cat([out, layers[-1][0].mean(dim=1)], dim=-1)
     return out.float()
+
+
+def linear_input_columns(n_blocks: Sequence[int], avgpools: Sequence[bool], dim: int) -> dict[str, Tensor]:
+    """Where each of DINOv2's linear-probe inputs lies inside the widest one.
+
+    ``eval/linear.py`` trains one classifier per (n last blocks, avgpool) pair and keeps the best on
+    validation. The input of every pair is a set of columns of
+    ``linear_input(vit, x, max(n_blocks), any(avgpools))``, which holds the [CLS] of the last
+    ``max(n_blocks)`` blocks, oldest first, and then the patch average. Returns ``{name: column indices}``
+    in the official sweep order (blocks outer, avgpool inner). The names follow the official classifier
+    names (``"1_blocks_avgpool_True"``)."""
+    widest = max(n_blocks)
+    out = {}
+    for n in n_blocks:
+        for avgpool in avgpools:
+            cls = torch.arange((widest - n) * dim, widest * dim)
+            avg = torch.arange(widest * dim, (widest + 1) * dim) if avgpool else cls[:0]
+            out[f"{n}_blocks_avgpool_{avgpool}"] = torch.cat([cls, avg])
+    return out
+
+
+@dataclass(frozen=True)
+class SweptInput:
+    """A probe's feature function that holds several candidate inputs: ``fn`` returns the widest
+    features, and ``columns`` maps each input's name to its column indices. The linear probe trains
+    every input and keeps the best on its validation split (DINOv2's ``eval/linear.py``)."""
+
+    fn: Callable[[Tensor], Tensor]
+    columns: Mapping[str, Tensor]
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.fn(images)
 
 
 def _tensor_batches(images: Tensor, labels: Tensor, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -175,6 +175,7 @@ def linear_probe(
     seed: int = 0,
     device: str | torch.device | None = None,
     num_threads: int | None = 1,
+    inputs: Mapping[str, Tensor] | None = None,
 ) -> dict:
     """Linear probe with a one-pass sweep over ``lrs`` x ``wds``; returns a results dict.
 
@@ -192,18 +193,50 @@ def linear_probe(
     On CPU the probe runs with ``num_threads`` torch threads (default 1, see ``cpu_threads``; None
     keeps the current setting); 60k x 192 features, 10 classes, 7 lrs, 10 epochs take ~2.5 s.
 
+    ``inputs`` (``{name: column indices}``, e.g. DINOv2's ``linear_input_columns``) sweeps the probe's
+    input as well: each named set of columns is probed as above (the same validation split, data order
+    and seed) and the input whose best configuration has the best validation accuracy is kept (ties:
+    the first in ``inputs`` order), as DINOv2's ``eval/linear.py`` keeps the best of its classifiers
+    over (blocks, avgpool, lr). The result then also has ``best["input"]`` and one ``table`` row per
+    (input, lr, wd), each with its ``input``.
+
     Returns ``{"test_acc", "best": {lr, wd, val_acc, test_acc}, "table": [{lr, wd, val_acc,
     test_acc, train_loss, diverged}, ...], "n_fit", "n_val", "n_test", "epochs", "optimizer",
     "time_s"}`` with accuracies in %. ``table[*]["test_acc"]`` is reported for diagnosis only.
     """
     device = torch.device(device) if device is not None else train_feats.device
+    kw = dict(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+              betas=betas, warmup_epochs=warmup_epochs, val_fraction=val_fraction, refit=refit, init_std=init_std,
+              num_classes=num_classes, seed=seed, device=device)
     with cpu_threads(num_threads, device):
-        return _linear_probe(
-            train_feats, train_labels, test_feats, test_labels, lrs=lrs, wds=wds, epochs=epochs,
-            batch_size=batch_size, optimizer=optimizer, momentum=momentum, betas=betas,
-            warmup_epochs=warmup_epochs, val_fraction=val_fraction, refit=refit, init_std=init_std,
-            num_classes=num_classes, seed=seed, device=device,
-        )
+        if inputs is None:
+            return _linear_probe(train_feats, train_labels, test_feats, test_labels, **kw)
+        return _probe_each_input(train_feats, train_labels, test_feats, test_labels, inputs, kw)
+
+
+def _probe_each_input(train_feats, train_labels, test_feats, test_labels, inputs: Mapping[str, Tensor],
+                      kw: dict) -> dict:
+    if not inputs:
+        raise ValueError("inputs must name at least one set of columns")
+    t0 = time.perf_counter()
+    runs, errors = {}, []
+    for name, cols in inputs.items():
+        cols = torch.as_tensor(cols, dtype=torch.long)
+        if cols.numel() == 0 or int(cols.min()) < 0 or int(cols.max()) >= train_feats.shape[1]:
+            raise ValueError(f"input {name!r}: its columns must lie in 0..{train_feats.shape[1] - 1}")
+        try:
+            runs[name] = _linear_probe(train_feats[:, cols], train_labels, test_feats[:, cols], test_labels, **kw)
+        except FloatingPointError as e:  # every configuration of this input diverged: the others may not
+            errors.append(f"{name}: {e}")
+    if not runs:
+        raise FloatingPointError("every linear-probe input diverged: " + "; ".join(errors))
+    name = max(runs, key=lambda k: runs[k]["best"]["val_acc"])  # max() keeps the first of equal values
+    out = dict(runs[name])
+    out["best"] = {"input": name, **out["best"]}
+    out["table"] = [{"input": k, **row} for k, r in runs.items() for row in r["table"]]
+    out["inputs"] = {k: r["best"]["val_acc"] for k, r in runs.items()}
+    out["time_s"] = time.perf_counter() - t0
+    return out
 
 
 def _linear_probe(train_feats, train_labels, test_feats, test_labels, *, lrs, wds, epochs, batch_size, optimizer,

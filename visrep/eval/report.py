@@ -32,7 +32,10 @@ def _as_feature_set(fs, protocol: str | None = None) -> dict[str, Tensor]:
         missing = [k for k in _KEYS if k not in fs]
         if missing:
             raise KeyError(f"feature set is missing {missing}")
-        return {k: fs[k] for k in _KEYS}
+        out = {k: fs[k] for k in _KEYS}
+        if fs.get("linear_inputs") is not None:  # inputs the linear probe sweeps (linear_probe(inputs=...))
+            out["linear_inputs"] = fs["linear_inputs"]
+        return out
     if isinstance(fs, (tuple, list)) and len(fs) == 4:
         return dict(zip(_KEYS, fs))
     raise TypeError("a feature set is a mapping with train_feats/train_labels/test_feats/test_labels "
@@ -63,6 +66,8 @@ def _run_one(protocol: str, kwargs: Mapping[str, Any], fs: dict[str, Tensor]) ->
         rows = {(f"{label} k={k}" if label else _knn_label(k, kwargs)): {"value": acc, "std": None}
                 for k, acc in raw.items()}
     elif protocol == "linear":
+        if "linear_inputs" in fs:
+            kwargs.setdefault("inputs", fs["linear_inputs"])
         raw = linear_probe(*args, **kwargs)
         rows = {label or "linear probe": {"value": raw["test_acc"], "std": None}}
     elif protocol == "lowshot":
@@ -118,7 +123,9 @@ def run_protocols(
     ``feature_sets``: ``{column name: feature set}``; a feature set is a mapping with
     ``train_feats``, ``train_labels``, ``test_feats``, ``test_labels`` (as returned by
     ``extract_train_test``) or a 4-tuple in that order, or ``{protocol name: feature set}`` where
-    protocols read different features (a protocol it does not name reads its ``"default"`` entry).
+    protocols read different features (a protocol it does not name reads its ``"default"`` entry). A
+    feature set's optional ``linear_inputs`` (``{name: column indices}``) is the linear probe's input sweep
+    (``linear_probe(inputs=...)``, DINOv2's ``eval/linear.py``).
     ``protocols``: names from ``"knn"``,
     ``"linear"``, ``"lowshot"``, or ``(name, kwargs)`` pairs passed to ``knn_classify``,
     ``linear_probe`` or ``lowshot_logreg`` (a protocol may appear several times, e.g. weighted and

@@ -29,7 +29,7 @@ from visrep.data.crops import CropSpec, take_crops
 from visrep.data.masks import IBOTMaskGenerator
 from visrep.data.views import PhotometricSpec, photometric_views
 from visrep.errors import CheckpointError, ConfigError
-from visrep.eval.features import linear_input
+from visrep.eval.features import SweptInput, linear_input, linear_input_columns
 from visrep.formats import declare
 from visrep.losses.dino import Centering, dino_loss, ibot_loss, ibot_mask_weights, koleo_loss, sinkhorn_teacher
 from visrep.losses.precision import fp32_loss
@@ -133,6 +133,9 @@ class DINOv2(Method):
             raise ConfigError(f"method.epoch_length={m.epoch_length} must be >= 1")
         if m.centering == "sinkhorn_knopp" and m.sinkhorn_iters < 1:
             raise ConfigError(f"method.sinkhorn_iters={m.sinkhorn_iters} must be >= 1")
+        if not cfg.eval.probe_blocks or not cfg.eval.probe_avgpool:
+            raise ConfigError("eval.probe_blocks and eval.probe_avgpool must each name at least one value "
+                              f"(got {cfg.eval.probe_blocks} and {cfg.eval.probe_avgpool})")
         if m.teacher_checkpoint is not None and not Path(m.teacher_checkpoint).is_file():
             raise ConfigError(f"method.teacher_checkpoint: file not found: {m.teacher_checkpoint}")
         if m.ibot_loss_weight > 0 and not m.ibot_separate_head and m.head_n_prototypes < 1:
@@ -339,18 +342,37 @@ class DINOv2(Method):
         """The final-normed [CLS] (what DINOv2's k-NN and logistic regression read)."""
         return self.eval_module().forward_features(self.normalize(images))["x_norm_clstoken"]
 
+    def _probe_inputs(self) -> tuple[list[int], list[bool]]:
+        """``eval.probe_blocks`` (a block count above the depth is the depth) and ``eval.probe_avgpool``."""
+        depth = len(self.eval_module().blocks)
+        blocks = list(dict.fromkeys(min(n, depth) for n in self.run_cfg.eval.probe_blocks))
+        return blocks, list(dict.fromkeys(self.run_cfg.eval.probe_avgpool))
+
     @torch.no_grad()
     def linear_features(self, images: Tensor) -> Tensor:
-        """DINOv2's linear-probe input: final-normed [CLS] of the last ``eval.probe_blocks`` blocks and the
-        average of the last block's patch tokens (``visrep.eval.features.linear_input``)."""
-        return linear_input(self.eval_module(), self.normalize(images), self.run_cfg.eval.probe_blocks)
+        """The widest of DINOv2's linear-probe inputs: the final-normed [CLS] of the last
+        ``max(eval.probe_blocks)`` blocks and (if ``eval.probe_avgpool`` has ``true``) the average of the last
+        block's patch tokens (``visrep.eval.features.linear_input``)."""
+        blocks, pools = self._probe_inputs()
+        return linear_input(self.eval_module(), self.normalize(images), max(blocks), any(pools))
 
     def probe_features(self, protocol: str):
+        """k-NN and low-shot read the final-normed [CLS] (``knn.py``, ``log_regression.py``). The linear probe
+        sweeps its input as ``eval/linear.py`` does: a classifier per (last n blocks' [CLS], with or without
+        the patch average) pair, n in ``eval.probe_blocks`` (official [1, 4]), and keeps the best on
+        validation."""
         if protocol != "linear":
             return self.features, self.feature_description
-        n, who = self.run_cfg.eval.probe_blocks, "student EMA" if self.distill else "teacher"
-        return self.linear_features, (f"DINOv2 linear input: the {who} backbone's final-normed [CLS] of the last "
-                                      f"{n} block{'s' if n > 1 else ''} + the average of its patch tokens")
+        blocks, pools = self._probe_inputs()
+        columns = linear_input_columns(blocks, pools, self.eval_module().embed_dim)
+        who = "student EMA" if self.distill else "teacher"
+        clipped = [n for n in self.run_cfg.eval.probe_blocks if n > max(blocks)]
+        note = f" ({', '.join(map(str, clipped))} above the depth {max(blocks)})" if clipped else ""
+        pooled = " and ".join("with" if p else "without" for p in pools)
+        return SweptInput(self.linear_features, columns), (
+            f"DINOv2 linear inputs (eval/linear.py): the {who} backbone's final-normed [CLS] of the last "
+            f"{' / '.join(map(str, blocks))} blocks{note}, {pooled} the average of its patch tokens; the best "
+            "on validation")
 
     def export_modules(self) -> dict[str, Export]:
         mods = {"teacher_backbone": self.eval_module(), "student_backbone": self.student["backbone"]}
