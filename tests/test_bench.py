@@ -37,6 +37,18 @@ def test_bench_runs_each_recipe_once_marks_labels_and_resumes(tmp_path, monkeypa
     for changed in ({"steps": 3, "overrides": quick}, {"steps": 2, "overrides": quick[:1]}):  # never a stale row
         with pytest.raises(AssertionError, match="started again"):
             bench(["msn/tiny"], out_dir=str(out), **changed)
+    started = []
+
+    def spy(cmd, *a, **kw):
+        started.append(cmd[cmd.index("--recipe") + 1])
+        raise AssertionError("started again")
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    with pytest.raises(AssertionError, match="started again"):  # --rerun: run again although finished
+        bench(["msn/tiny", "paws/tiny"], steps=2, out_dir=str(out), overrides=quick, rerun=["paws/tiny"])
+    assert started == ["paws/tiny"]  # msn/tiny was reused
+    with pytest.raises(ValueError, match="--rerun: msn/fashion_mnist is not among the recipes"):
+        bench(["msn/tiny"], steps=2, out_dir=str(out), overrides=quick, rerun=["msn/fashion_mnist"])
     with pytest.raises(ValueError, match="exactly one budget"):
         bench(["msn/tiny"], out_dir=str(out))
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from visrep.config import CONFIG_DIR
+from visrep.errors import ConfigError
 
 COLUMNS = (("k-NN k=20", "k-NN"), ("linear probe", "linear"), ("low-shot 1/class", "1-shot"),
            ("low-shot 2/class", "2-shot"), ("low-shot 5/class", "5-shot"), ("low-shot 1%", "1 %"))
@@ -73,13 +74,17 @@ def fingerprint(recipe: str, minutes: float | None, steps: int | None, overrides
 
 
 def run_one(recipe: str, out: Path, minutes: float | None, steps: int | None, overrides: Sequence[str],
-            data_root: str | None) -> dict:
+            data_root: str | None, rerun: bool = False) -> dict:
     """Pretrain + evaluate ``recipe`` in a child process (``visrep demo``); returns its bench record. A
     finished run is reused only while its recipe file, the budget and the overrides are the ones it ran
-    with (a changed recipe reruns: a table never mixes old and new recipes)."""
+    with (a changed recipe reruns: a table never mixes old and new recipes), and unless ``rerun``. The
+    evaluation code is not part of that check: after a change to a method's protocols or features, rerun
+    its recipe."""
     done = out / "bench.json"
     key = fingerprint(recipe, minutes, steps, overrides, data_root)
-    if done.is_file():
+    if rerun and done.is_file():
+        print(f"[bench] {recipe}: rerunning as asked (--rerun)", flush=True)
+    elif done.is_file():
         record = json.loads(done.read_text())
         if record.get("fingerprint") == key:
             return record
@@ -173,18 +178,23 @@ def plot_bench(records: list[dict], path: Path) -> Path | None:
 
 def bench(recipes: Sequence[str] | None = None, *, minutes: float | None = None, steps: int | None = None,
           out_dir: str = "runs/bench", overrides: Sequence[str] = (), data_root: str | None = None,
-          readme: str | None = None) -> list[dict]:
+          readme: str | None = None, rerun: Sequence[str] = ()) -> list[dict]:
     """Run (or reuse) every recipe at the same budget and write the table, JSON and plot; with ``readme``,
-    also replace the table between that file's bench markers (:func:`write_into`)."""
+    also replace the table between that file's bench markers (:func:`write_into`). The recipes named in
+    ``rerun`` run again even where a finished run would be reused."""
     if (minutes is None) == (steps is None):
         raise ValueError("visrep bench: give exactly one budget, --minutes or --steps")
     recipes = list(recipes or cpu_recipes())
+    unknown = [r for r in rerun if r not in recipes]
+    if unknown:
+        raise ConfigError(f"--rerun: {', '.join(unknown)} is not among the recipes of this bench "
+                         f"({', '.join(recipes)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, recipe in enumerate(recipes, 1):
         print(f"[bench {i}/{len(recipes)}] {recipe}", flush=True)
-        records.append(run_one(recipe, out / _slug(recipe), minutes, steps, overrides, data_root))
+        records.append(run_one(recipe, out / _slug(recipe), minutes, steps, overrides, data_root, recipe in rerun))
     budget = f"{minutes:g} CPU-minutes" if minutes else f"{steps} steps"
     table = format_bench(records, budget)
     (out / "bench.md").write_text(table)

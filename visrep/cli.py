@@ -68,7 +68,7 @@ def cmd_bench(args) -> int:
     from visrep.bench import bench
 
     bench(args.recipes or None, minutes=args.minutes, steps=args.steps, out_dir=args.out, overrides=args.overrides,
-          data_root=args.data_root, readme=args.readme)
+          data_root=args.data_root, readme=args.readme, rerun=args.rerun)
     return 0
 
 
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every recipe")
     p.add_argument("--readme", default=None, help="also write the table into this Markdown file, between its "
                                                   "'<!-- bench:start -->' and '<!-- bench:end -->' lines")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="RECIPE",
+                   help="run these recipes again even where a finished run would be reused (after a change to "
+                        "their evaluation, which the reuse check does not see)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("curate", help="deduplicate / retrieve / cluster-balance a training set; write a file list "
