@@ -552,3 +552,19 @@ def test_linear_probe_keeps_the_input_best_on_validation():
     assert len(out["table"]) == 3 * 2 and {r["input"] for r in out["table"]} == set(cols)
     with pytest.raises(ValueError, match="columns must lie"):
         linear_probe(wide_tr, ytr, wide_te, yte, inputs={"x": torch.tensor([99])}, **kw)
+
+
+def test_probe_input_settings_take_one_value_and_refuse_none():
+    """eval.probe_blocks was one number: one value is still a sweep of one; an empty sweep is a config error."""
+    from visrep.config import load_config, resolve_config
+    from visrep.errors import ConfigError
+
+    path = resolve_config("dinov2/fashion_mnist")
+    cfg = load_config(path, ["eval.probe_blocks=4", "eval.probe_avgpool=true"])
+    assert cfg.eval.probe_blocks == [4] and cfg.eval.probe_avgpool == [True]
+    assert load_config(path).eval.probe_blocks == [1, 4]
+    for bad in ("eval.probe_blocks=[]", "eval.probe_avgpool=[]"):
+        with pytest.raises(ConfigError, match="must each name at least one value"):
+            load_config(path, [bad])
+    with pytest.raises(ConfigError, match=r"eval.probe_blocks\[1\]"):
+        load_config(path, ["eval.probe_blocks=[1, 0]"])
