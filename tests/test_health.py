@@ -19,6 +19,13 @@ def test_effective_rank_counts_the_dimensions_used():
     assert effective_rank(line) == pytest.approx(1.0, abs=1e-3)
     two = torch.cat([torch.randn(512, 2, generator=g), torch.zeros(512, 14)], 1)
     assert effective_rank(two) == pytest.approx(2.0, abs=0.15)
+    for z in (spread, two, torch.randn(8, 16, generator=g)):  # the Gram route equals RankMe from the SVD
+        s = torch.linalg.svdvals(z.double())
+        p = s / s.sum() + 1e-7
+        assert effective_rank(z) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    bad = spread.clone()
+    bad[3, 4] = float("nan")
+    assert math.isnan(effective_rank(bad))  # no LinAlgError in the middle of a run: NaN, as the loss shows
 
 
 def test_embedding_std_is_one_when_spread_and_zero_when_collapsed():

@@ -29,10 +29,19 @@ HEALTH_KEYS = ("rank", "emb_std", "target_entropy", "mean_entropy", "target_top"
 
 def effective_rank(z: Tensor, eps: float = 1e-7) -> Tensor:
     """RankMe of ``[N, D]`` embeddings: ``exp(-sum p log p)`` with ``p = s / sum(s)``, ``s`` their singular
-    values (between 1 and ``min(N, D)``)."""
-    s = torch.linalg.svdvals(z.float())
+    values (between 1 and ``min(N, D)``).
+
+    The singular values are the square roots of the eigenvalues of the smaller Gram matrix, in float64.
+    ``torch.linalg.svdvals`` is not used: MKL's threaded ``sgesdd`` (its QR of a tall matrix) deadlocked
+    here in a process whose torch thread count had changed between runs (pytest, 2 threads). The Gram
+    route is also cheaper for N >> D. A non-finite entry gives NaN, with no error and no host sync."""
+    z = z.to(torch.float32 if z.device.type == "mps" else torch.float64)  # (MPS has no float64)
+    finite = torch.isfinite(z).all()
+    z = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    gram = z.mT @ z if z.shape[0] >= z.shape[1] else z @ z.mT
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     p = s / s.sum().clamp_min(eps) + eps
-    return torch.exp(-(p * p.log()).sum())
+    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full((), math.nan, device=p.device)).float()
 
 
 def embedding_std(z: Tensor) -> Tensor:
